@@ -1,0 +1,19 @@
+.PHONY: run test bench lint format
+
+run:  ## install what is missing, then start Lambent on 127.0.0.1:8080
+	scripts/run.sh
+
+test:  ## install and start what the tests need, then run them all
+	scripts/test.sh
+
+bench:  ## run the benchmarks in bench/ beside their baselines
+	scripts/setup-venv.sh
+	.venv/bin/python bench/run.py
+
+lint:
+	.venv/bin/ruff check app workers tests bench
+	.venv/bin/ruff format --check app workers tests bench
+
+format:
+	.venv/bin/ruff format app workers tests bench
+	.venv/bin/ruff check --fix app workers tests bench

@@ -1,0 +1,98 @@
+"""Bearer keys: who is calling. Keys are random, shown once, and kept only as SHA-256."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+
+from app.errors import AccessDenied, Unauthorized
+from app.platform import Platform, get_platform
+from app.tenants.models import ApiKey
+
+TENANT_KEY_PREFIX = "lmb_"
+OPERATOR_KEY_PREFIX = "lmbop_"
+KEY_CACHE_TTL_S = 10.0
+
+bearer = HTTPBearer(auto_error=False, description="A tenant key, or the operator key")
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant_id: str | None
+    is_operator: bool
+
+
+def new_key(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyCache:
+    """Resolved keys for a few seconds, so the invoke path does not read the database."""
+
+    def __init__(self, ttl_s: float = KEY_CACHE_TTL_S) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[Principal, float]] = {}
+
+    def get(self, key_hash: str) -> Principal | None:
+        entry = self._entries.get(key_hash)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def put(self, key_hash: str, principal: Principal) -> None:
+        if len(self._entries) > 100_000:
+            self._entries.clear()
+        self._entries[key_hash] = (principal, time.monotonic() + self.ttl_s)
+
+    def forget_tenant(self, tenant_id: str) -> None:
+        for key_hash, (principal, _) in list(self._entries.items()):
+            if principal.tenant_id == tenant_id:
+                del self._entries[key_hash]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+async def authenticate(
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    platform: Platform = Depends(get_platform),
+) -> Principal:
+    if credentials is None or not credentials.credentials:
+        raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")
+
+    key_hash = hash_key(credentials.credentials)
+    principal = platform.keys.get(key_hash)
+    if principal is None:
+        async with platform.db.sessionmaker() as session:
+            row = (
+                await session.execute(select(ApiKey).where(ApiKey.key_hash == key_hash))
+            ).scalar_one_or_none()
+        if row is None:
+            raise Unauthorized("the API key is not valid")
+        principal = Principal(tenant_id=row.tenant_id, is_operator=row.is_operator)
+        platform.keys.put(key_hash, principal)
+    return principal
+
+
+async def require_tenant(principal: Principal = Depends(authenticate)) -> str:
+    """The calling tenant's id; the operator key is not a tenant."""
+    if principal.tenant_id is None:
+        raise AccessDenied("this route needs a tenant's key, not the operator key")
+    return principal.tenant_id
+
+
+async def require_operator(principal: Principal = Depends(authenticate)) -> Principal:
+    if not principal.is_operator:
+        raise AccessDenied("this route needs the operator key")
+    return principal

@@ -1,0 +1,235 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import TypeAdapter, ValidationError
+from starlette.datastructures import UploadFile
+
+from app.errors import InvalidParameterValue, InvalidRequestContent
+from app.functions import service
+from app.functions.models import Function
+from app.functions.schemas import (
+    CodeZip,
+    FunctionConfig,
+    FunctionCreate,
+    FunctionList,
+    FunctionOut,
+    FunctionUpdate,
+)
+from app.auth import require_tenant
+from app.http import limited_request, read_limited
+from app.packages.spool import SpooledPackage, spool_stream
+from app.platform import Platform, get_platform
+from app.tenants.schemas import ResourceName
+
+router = APIRouter(prefix="/v1/functions", tags=["functions"])
+
+# base64 grows a package by a third; the JSON around it is small.
+JSON_OVERHEAD_BYTES = 64 * 1024
+MULTIPART_FIELDS = ("name", "runtime", "handler", "memory_mb", "timeout_s", "environment",
+                    "description")
+
+
+def function_out(platform: Platform, fn: Function) -> FunctionOut:
+    return FunctionOut(
+        name=fn.name,
+        arn=service.function_arn(platform, fn.tenant_id, fn.name),
+        runtime=fn.runtime,
+        handler=fn.handler,
+        memory_mb=fn.memory_mb,
+        timeout_s=fn.timeout_s,
+        environment=fn.environment,
+        description=fn.description,
+        code_sha256=fn.code_sha256,
+        code_size=fn.code_size,
+        revision=fn.revision,
+        created_at=fn.created_at,
+        updated_at=fn.updated_at,
+    )
+
+
+def _schema_ref(model: type) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _multipart_schema(with_config: bool) -> dict[str, Any]:
+    properties: dict[str, Any] = {"code": {"type": "string", "format": "binary"}}
+    required = ["code"]
+    if with_config:
+        for field in MULTIPART_FIELDS:
+            properties[field] = {"type": "string"}
+        properties["environment"]["description"] = "A JSON object of strings"
+        required += ["name", "runtime", "handler"]
+    return {"type": "object", "properties": properties, "required": required}
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "body"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)
+
+
+async def _multipart(
+    request: Request, platform: Platform
+) -> tuple[dict[str, str], SpooledPackage]:
+    """Parse a multipart upload: plain fields, and the zip streamed to disk as it arrives."""
+    limit = platform.settings.max_zipped_bytes + JSON_OVERHEAD_BYTES
+    bounded = limited_request(request, limit, service.too_large(platform))
+    async with bounded.form(max_files=1, max_fields=len(MULTIPART_FIELDS)) as form:
+        code = form.get("code")
+        if not isinstance(code, UploadFile):
+            raise InvalidParameterValue("the multipart body needs the zip as a file part 'code'")
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            while chunk := await code.read(1024 * 1024):
+                yield chunk
+
+        package = await spool_stream(
+            chunks(), service.upload_dir(platform), max_bytes=platform.settings.max_zipped_bytes
+        )
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    return fields, package
+
+
+CREATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _schema_ref(FunctionCreate)},
+            "multipart/form-data": {"schema": _multipart_schema(with_config=True)},
+        },
+    }
+}
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=FunctionOut,
+    openapi_extra=CREATE_BODY,
+    responses={409: {"description": "A function of that name exists"}},
+)
+async def create_function(
+    request: Request,
+    tenant_id: str = Depends(require_tenant),
+    platform: Platform = Depends(get_platform),
+) -> FunctionOut:
+    """Create a function from a zip package (JSON with base64, or multipart for large zips)."""
+    if _media_type(request) == "multipart/form-data":
+        fields, package = await _multipart(request, platform)
+        try:
+            if "environment" in fields:
+                try:
+                    fields["environment"] = json.loads(fields["environment"])
+                except json.JSONDecodeError:
+                    raise InvalidParameterValue("environment must be a JSON object") from None
+            config = FunctionConfig.model_validate(fields)
+        except BaseException:
+            package.discard()
+            raise
+    else:
+        limit = platform.settings.max_zipped_bytes * 4 // 3 + JSON_OVERHEAD_BYTES
+        raw = await read_limited(request, limit, service.too_large(platform))
+        body = FunctionCreate.model_validate_json(raw or b"{}")
+        config = FunctionConfig.model_validate(body.model_dump(exclude={"code"}))
+        package = service.spool_base64(platform, body.code.zip_base64)
+
+    fn = await service.create_function(platform, tenant_id, config, package)
+    return function_out(platform, fn)
+
+
+@router.get("", response_model=FunctionList)
+async def list_functions(
+    limit: int = Query(50, ge=1, le=1000),
+    next_token: str | None = Query(None, description="From the previous page"),
+    tenant_id: str = Depends(require_tenant),
+    platform: Platform = Depends(get_platform),
+) -> FunctionList:
+    """List functions by name, a page at a time."""
+    rows, next_name = await service.list_functions(
+        platform, tenant_id, limit=limit, after=next_token
+    )
+    return FunctionList(functions=[function_out(platform, fn) for fn in rows], next_token=next_name)
+
+
+@router.get("/{name}", response_model=FunctionOut)
+async def get_function(
+    name: ResourceName,
+    tenant_id: str = Depends(require_tenant),
+    platform: Platform = Depends(get_platform),
+) -> FunctionOut:
+    """A function's configuration and code identity."""
+    return function_out(platform, await service.get_function(platform, tenant_id, name))
+
+
+@router.patch("/{name}", response_model=FunctionOut)
+async def update_function(
+    name: ResourceName,
+    update: FunctionUpdate,
+    tenant_id: str = Depends(require_tenant),
+    platform: Platform = Depends(get_platform),
+) -> FunctionOut:
+    """Change a function's configuration; new invocations use it at once."""
+    fn = await service.update_configuration(platform, tenant_id, name, update)
+    return function_out(platform, fn)
+
+
+CODE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _schema_ref(CodeZip)},
+            "multipart/form-data": {"schema": _multipart_schema(with_config=False)},
+            "application/zip": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.put("/{name}/code", response_model=FunctionOut, openapi_extra=CODE_BODY)
+async def update_function_code(
+    name: ResourceName,
+    request: Request,
+    tenant_id: str = Depends(require_tenant),
+    platform: Platform = Depends(get_platform),
+) -> FunctionOut:
+    """Replace a function's code (JSON with base64, multipart, or a raw application/zip body)."""
+    media_type = _media_type(request)
+    await service.get_function(platform, tenant_id, name)  # 404 before reading a large body
+    if media_type == "multipart/form-data":
+        _, package = await _multipart(request, platform)
+    elif media_type in ("application/zip", "application/octet-stream"):
+        package = await spool_stream(
+            request.stream(),
+            service.upload_dir(platform),
+            max_bytes=platform.settings.max_zipped_bytes,
+        )
+    else:
+        limit = platform.settings.max_zipped_bytes * 4 // 3 + JSON_OVERHEAD_BYTES
+        raw = await read_limited(request, limit, service.too_large(platform))
+        try:
+            code = TypeAdapter(CodeZip).validate_json(raw or b"{}")
+        except ValidationError as exc:
+            raise InvalidRequestContent(_validation_message(exc)) from None
+        package = service.spool_base64(platform, code.zip_base64)
+    fn = await service.update_code(platform, tenant_id, name, package)
+    return function_out(platform, fn)
+
+
+@router.delete("/{name}", status_code=204, response_class=Response)
+async def delete_function(
+    name: ResourceName,
+    tenant_id: str = Depends(require_tenant),
+    platform: Platform = Depends(get_platform),
+) -> Response:
+    """Delete a function and stop its instances; its invocation records stay."""
+    await service.delete_function(platform, tenant_id, name)
+    return Response(status_code=204)

@@ -1,0 +1,287 @@
+"""Functions: configuration and code, scoped to a tenant."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.exc import StaleDataError
+
+from app.db import utcnow
+from app.errors import InvalidParameterValue, ResourceConflict, ResourceNotFound
+from app.functions.models import Function
+from app.functions.schemas import FunctionConfig, FunctionUpdate
+from app.logging import get_logger
+from app.packages.errors import PackageTooLarge
+from app.packages.spool import SpooledPackage, spool_bytes
+from app.packages.validation import PackageLimits, inspect_zip
+from app.platform import Platform
+from app.tenants.scope import TenantScope
+from workers.protocol import InstanceSpec
+
+log = get_logger(__name__)
+
+UPDATE_ATTEMPTS = 5
+
+
+class FunctionNotFound(ResourceNotFound):
+    pass
+
+
+class FunctionNameTaken(ResourceConflict):
+    pass
+
+
+def function_arn(platform: Platform, tenant_id: str, name: str) -> str:
+    return f"arn:lambent:lambda:{platform.settings.region}:{tenant_id}:function:{name}"
+
+
+def to_spec(platform: Platform, fn: Function) -> InstanceSpec:
+    return InstanceSpec(
+        tenant_id=fn.tenant_id,
+        function_id=fn.id,
+        function_name=fn.name,
+        revision=fn.revision,
+        runtime=fn.runtime,
+        handler=fn.handler,
+        memory_mb=fn.memory_mb,
+        timeout_s=fn.timeout_s,
+        code_sha256=fn.code_sha256,
+        environment=dict(fn.environment),
+        function_arn=function_arn(platform, fn.tenant_id, fn.name),
+    )
+
+
+def package_limits(platform: Platform) -> PackageLimits:
+    return PackageLimits(
+        max_zipped_bytes=platform.settings.max_zipped_bytes,
+        max_unzipped_bytes=platform.settings.max_unzipped_bytes,
+    )
+
+
+def upload_dir(platform: Platform) -> Path:
+    path = platform.settings.data_dir / "uploads"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def too_large(platform: Platform) -> PackageTooLarge:
+    return PackageTooLarge(
+        f"the zip package is larger than {platform.settings.max_zipped_bytes} bytes; "
+        "that is the limit for a package"
+    )
+
+
+def spool_base64(platform: Platform, encoded: str) -> SpooledPackage:
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidParameterValue("code.zip_base64 is not valid base64") from None
+    return spool_bytes(data, upload_dir(platform), max_bytes=platform.settings.max_zipped_bytes)
+
+
+async def _accept_package(
+    platform: Platform, package: SpooledPackage, runtime: str, handler: str
+) -> None:
+    """Validate a spooled package and put it in the object store."""
+    await asyncio.to_thread(
+        inspect_zip, package.path, runtime=runtime, handler=handler, limits=package_limits(platform)
+    )
+    await platform.store.put_file(package.sha256, package.path)
+
+
+async def _check_handler(platform: Platform, sha256: str, runtime: str, handler: str) -> None:
+    """Re-validate a stored package against a changed runtime or handler."""
+    fd, tmp = tempfile.mkstemp(dir=upload_dir(platform), prefix="check-")
+    os.close(fd)
+    try:
+        await platform.store.get_to_file(sha256, Path(tmp))
+        await asyncio.to_thread(
+            inspect_zip, Path(tmp), runtime=runtime, handler=handler,
+            limits=package_limits(platform),
+        )
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+async def _collect_blob(platform: Platform, sha256: str) -> None:
+    """Delete a package blob that no function refers to any more."""
+    async with platform.db.sessionmaker() as session:
+        refs = await session.scalar(
+            select(func.count()).select_from(Function).where(Function.code_sha256 == sha256)
+        )
+    if not refs:
+        await platform.store.delete(sha256)
+
+
+async def _ensure_blob(platform: Platform, package: SpooledPackage) -> None:
+    # A concurrent delete may have collected the blob between our put and our commit (it saw
+    # no reference yet); putting it again closes that window.
+    if not await platform.store.exists(package.sha256):
+        await platform.store.put_file(package.sha256, package.path)
+
+
+async def create_function(
+    platform: Platform, tenant_id: str, config: FunctionConfig, package: SpooledPackage
+) -> Function:
+    scope = TenantScope(tenant_id)
+    try:
+        async with platform.db.sessionmaker() as session:
+            taken = await session.scalar(
+                scope.select(Function, Function.id).where(Function.name == config.name)
+            )
+            if taken is not None:
+                raise FunctionNameTaken(
+                    f"a function named {config.name!r} already exists", name=config.name
+                )
+            await _accept_package(platform, package, config.runtime, config.handler)
+
+            now = utcnow()
+            fn = Function(
+                id=uuid.uuid4().hex,
+                tenant_id=tenant_id,
+                name=config.name,
+                runtime=config.runtime,
+                handler=config.handler,
+                memory_mb=config.memory_mb,
+                timeout_s=config.timeout_s,
+                environment=config.environment,
+                description=config.description,
+                code_sha256=package.sha256,
+                code_size=package.size,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(fn)
+            try:
+                await session.commit()
+            except IntegrityError:
+                await session.rollback()
+                await _collect_blob(platform, package.sha256)
+                raise FunctionNameTaken(
+                    f"a function named {config.name!r} already exists", name=config.name
+                ) from None
+            await _ensure_blob(platform, package)
+    finally:
+        package.discard()
+    log.info("function created", tenant_id=tenant_id, function=fn.name, code_sha256=fn.code_sha256)
+    return fn
+
+
+async def get_function(platform: Platform, tenant_id: str, name: str) -> Function:
+    async with platform.db.sessionmaker() as session:
+        fn = await session.scalar(
+            TenantScope(tenant_id).select(Function).where(Function.name == name)
+        )
+    if fn is None:
+        raise FunctionNotFound(f"function {name!r} does not exist", name=name)
+    return fn
+
+
+async def get_spec(platform: Platform, tenant_id: str, name: str) -> InstanceSpec:
+    """The function as the invoke path needs it, from the cache when fresh."""
+    spec = platform.functions.get(tenant_id, name)
+    if spec is None:
+        spec = to_spec(platform, await get_function(platform, tenant_id, name))
+        platform.functions.put(spec)
+    return spec
+
+
+async def list_functions(
+    platform: Platform, tenant_id: str, *, limit: int, after: str | None
+) -> tuple[list[Function], str | None]:
+    query = TenantScope(tenant_id).select(Function).order_by(Function.name).limit(limit + 1)
+    if after is not None:
+        query = query.where(Function.name > after)
+    async with platform.db.sessionmaker() as session:
+        rows = list((await session.execute(query)).scalars())
+    if len(rows) > limit:
+        return rows[:limit], rows[limit - 1].name
+    return rows, None
+
+
+async def _apply_update(
+    platform: Platform, tenant_id: str, name: str, changes: dict[str, object]
+) -> Function:
+    """Apply changes under the optimistic revision check, retrying on a concurrent update."""
+    for attempt in range(UPDATE_ATTEMPTS):
+        async with platform.db.sessionmaker() as session:
+            fn = await session.scalar(
+                TenantScope(tenant_id).select(Function).where(Function.name == name)
+            )
+            if fn is None:
+                raise FunctionNotFound(f"function {name!r} does not exist", name=name)
+            for field, value in changes.items():
+                setattr(fn, field, value)
+            fn.updated_at = utcnow()
+            try:
+                await session.commit()
+            except StaleDataError:
+                await session.rollback()
+                if attempt == UPDATE_ATTEMPTS - 1:
+                    raise ResourceConflict(
+                        f"function {name!r} is being changed concurrently; retry", name=name
+                    ) from None
+                continue
+        platform.functions.forget(tenant_id, name)
+        await platform.scheduler.retire(fn.id, fn.revision)
+        return fn
+    raise AssertionError("unreachable")
+
+
+async def update_configuration(
+    platform: Platform, tenant_id: str, name: str, update: FunctionUpdate
+) -> Function:
+    changes = update.model_dump(exclude_unset=True, exclude_none=True)
+    current = await get_function(platform, tenant_id, name)
+    if not changes:
+        return current
+    runtime = str(changes.get("runtime", current.runtime))
+    handler = str(changes.get("handler", current.handler))
+    if (runtime, handler) != (current.runtime, current.handler):
+        await _check_handler(platform, current.code_sha256, runtime, handler)
+    fn = await _apply_update(platform, tenant_id, name, changes)
+    log.info("function configuration changed", tenant_id=tenant_id, function=name)
+    return fn
+
+
+async def update_code(
+    platform: Platform, tenant_id: str, name: str, package: SpooledPackage
+) -> Function:
+    try:
+        current = await get_function(platform, tenant_id, name)
+        await _accept_package(platform, package, current.runtime, current.handler)
+        fn = await _apply_update(
+            platform, tenant_id, name, {"code_sha256": package.sha256, "code_size": package.size}
+        )
+        await _ensure_blob(platform, package)
+    finally:
+        package.discard()
+    if current.code_sha256 != fn.code_sha256:
+        await _collect_blob(platform, current.code_sha256)
+    log.info("function code changed", tenant_id=tenant_id, function=name, code_sha256=fn.code_sha256)
+    return fn
+
+
+async def delete_function(platform: Platform, tenant_id: str, name: str) -> None:
+    async with platform.db.sessionmaker() as session:
+        fn = await session.scalar(
+            TenantScope(tenant_id).select(Function).where(Function.name == name)
+        )
+        if fn is None:
+            raise FunctionNotFound(f"function {name!r} does not exist", name=name)
+        await session.delete(fn)
+        await session.commit()
+    platform.functions.forget(tenant_id, name)
+    await platform.scheduler.retire(fn.id)
+    await _collect_blob(platform, fn.code_sha256)
+    log.info("function deleted", tenant_id=tenant_id, function=name)

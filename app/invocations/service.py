@@ -1,0 +1,164 @@
+"""Invoking a function: schedule it, then record its outcome and usage in one transaction."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from app.invocations.models import Invocation
+from app.logging import get_logger
+from app.metering.models import UsageRecord
+from app.metering.service import billed_ms
+from app.platform import Platform
+from workers.protocol import InstanceSpec, InvocationStatus, InvokeRequest
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class InvocationOutcome:
+    request_id: str
+    status: InvocationStatus
+    body: bytes
+    error_type: str | None
+    response_too_large: bool
+
+
+def new_trace_id() -> str:
+    return f"Root=1-{int(time.time()):08x}-{os.urandom(12).hex()};Parent={os.urandom(8).hex()};Sampled=0"
+
+
+def format_ms(ns: int) -> str:
+    return f"{ns / 1_000_000:.2f}"
+
+
+def report_lines(
+    request_id: str,
+    *,
+    duration_ns: int,
+    billed: int,
+    memory_mb: int,
+    max_memory_mb: int,
+    init_duration_ns: int | None,
+    status: InvocationStatus,
+    error_type: str | None,
+) -> str:
+    report = (
+        f"REPORT RequestId: {request_id}\tDuration: {format_ms(duration_ns)} ms\t"
+        f"Billed Duration: {billed} ms\tMemory Size: {memory_mb} MB\t"
+        f"Max Memory Used: {max_memory_mb} MB\t"
+    )
+    if init_duration_ns is not None:
+        report += f"Init Duration: {format_ms(init_duration_ns)} ms\t"
+    if status is InvocationStatus.TIMEOUT:
+        report += "Status: timeout\t"
+    elif error_type and error_type.startswith(("Runtime.", "Sandbox.")):
+        report += f"Status: error\tError Type: {error_type}\t"
+    return f"END RequestId: {request_id}\n{report}\n"
+
+
+async def invoke(platform: Platform, spec: InstanceSpec, payload: bytes) -> InvocationOutcome:
+    request_id = str(uuid.uuid4())
+    started_at = datetime.now(UTC)
+    request = InvokeRequest(
+        request_id=request_id,
+        payload=payload,
+        timeout_s=spec.timeout_s,
+        function_arn=spec.function_arn,
+        trace_id=new_trace_id(),
+    )
+    scheduled = await platform.scheduler.invoke(spec, request)
+
+    start = scheduled.start
+    init_duration_ns = start.init_duration_ns if start is not None else None
+    logs = start.init_logs if start is not None else ""
+    if scheduled.result is None:
+        # The runtime failed to initialise: the invocation never ran.
+        assert start is not None and start.init_error_type is not None
+        status = InvocationStatus.ERROR
+        error_type = start.init_error_type
+        body = start.init_error_body or b"{}"
+        duration_ns, max_memory_mb, function_logs, too_large = 0, start.peak_memory_mb, "", False
+        logs += (
+            f"INIT_REPORT Init Duration: {format_ms(start.init_duration_ns)} ms\t"
+            f"Phase: init\tStatus: error\tError Type: {error_type}\n"
+        )
+    else:
+        result = scheduled.result
+        status, error_type, body = result.status, result.error_type, result.body
+        duration_ns, max_memory_mb = result.duration_ns, result.max_memory_used_mb
+        function_logs, too_large = result.logs, result.response_too_large
+
+    billed = billed_ms(duration_ns)
+    if function_logs and not function_logs.endswith("\n"):
+        function_logs += "\n"
+    logs += f"START RequestId: {request_id} Version: $LATEST\n" + function_logs
+    logs += report_lines(
+        request_id,
+        duration_ns=duration_ns,
+        billed=billed,
+        memory_mb=spec.memory_mb,
+        max_memory_mb=max_memory_mb,
+        init_duration_ns=init_duration_ns,
+        status=status,
+        error_type=error_type,
+    )
+
+    finished_at = max(datetime.now(UTC), started_at + timedelta(microseconds=duration_ns // 1000))
+    async with platform.db.sessionmaker() as session:
+        session.add(
+            Invocation(
+                request_id=request_id,
+                tenant_id=spec.tenant_id,
+                function_id=spec.function_id,
+                function_name=spec.function_name,
+                status=status.value,
+                error_type=error_type,
+                cold_start=scheduled.cold_start,
+                duration_ns=duration_ns,
+                billed_ms=billed,
+                init_duration_ns=init_duration_ns,
+                memory_mb=spec.memory_mb,
+                max_memory_used_mb=max_memory_mb,
+                instance_id=scheduled.instance_id,
+                logs=logs,
+                started_at=started_at,
+                finished_at=finished_at,
+            )
+        )
+        session.add(
+            UsageRecord(
+                request_id=request_id,
+                tenant_id=spec.tenant_id,
+                function_id=spec.function_id,
+                function_name=spec.function_name,
+                recorded_at=finished_at,
+                requests=1,
+                memory_mb=spec.memory_mb,
+                billed_ms=billed,
+                mb_ms=billed * spec.memory_mb,
+            )
+        )
+        await session.commit()
+
+    if status is not InvocationStatus.SUCCESS:
+        log.info(
+            "invocation failed",
+            tenant_id=spec.tenant_id,
+            function=spec.function_name,
+            request_id=request_id,
+            error_type=error_type,
+        )
+    return InvocationOutcome(request_id, status, body, error_type, too_large)
+
+
+def parse_event(payload: bytes) -> bytes:
+    """The event as the runtime gets it: JSON, with an empty body meaning ``{}``."""
+    if not payload.strip():
+        return b"{}"
+    json.loads(payload)  # raises ValueError for the route to turn into a 400
+    return payload

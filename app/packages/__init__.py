@@ -1,0 +1,1 @@
+"""Function packages: validating and unpacking zip files, spooling uploads, storing blobs."""

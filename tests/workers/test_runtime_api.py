@@ -1,0 +1,684 @@
+"""The Runtime API server, driven by the real python3.11 bootstrap and by provided runtimes.
+
+There is no sandbox here: runtimes run as plain subprocesses of Debian's python3, pointed at a
+real RuntimeApiServer on a temporary Unix socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+
+from workers.runtime_api import (
+    InitFailure,
+    InvocationReply,
+    ResponseTooLarge,
+    RuntimeApiServer,
+    RuntimeGone,
+)
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+RUNTIMES = Path(__file__).resolve().parents[2] / "workers" / "runtimes"
+BOOTSTRAP = RUNTIMES / "python" / "bootstrap.py"
+RELAY = RUNTIMES / "relay.py"
+NEXT = "/2018-06-01/runtime/invocation/next"
+FUNCTION_ARN = "arn:aws:lambda:eu-west-1:123456789012:function:greeter"
+TRACE_ID = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1"
+WAIT_S = 10
+
+T = TypeVar("T")
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coroutine)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def api_server(**options: Any) -> AsyncIterator[RuntimeApiServer]:
+    # Unix socket paths are limited to about 100 bytes, too few for pytest's tmp_path.
+    directory = tempfile.mkdtemp(prefix="lambent-api-")
+    server = RuntimeApiServer(Path(directory) / "runtime.sock", **options)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def runtime_client(server: RuntimeApiServer) -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client standing in for a runtime, for exchanges no real runtime would make."""
+    connector = aiohttp.UnixConnector(path=str(server.socket_path))
+    async with aiohttp.ClientSession("http://runtime", connector=connector) as session:
+        yield session
+
+
+@dataclass
+class FunctionProcess:
+    server: RuntimeApiServer
+    process: asyncio.subprocess.Process
+    task_root: Path
+    output: Path
+
+    def logs(self) -> str:
+        return self.output.read_text()
+
+    async def exit_status(self) -> int:
+        return await asyncio.wait_for(self.process.wait(), WAIT_S)
+
+
+@contextlib.asynccontextmanager
+async def function_process(
+    tmp_path: Path,
+    files: dict[str, str],
+    *,
+    handler: str = "app.handler",
+    command: list[str] | None = None,
+    **server_options: Any,
+) -> AsyncIterator[FunctionProcess]:
+    """Run a runtime (by default the python3.11 bootstrap) on the files as its task root."""
+    task_root = tmp_path / "task"
+    task_root.mkdir()
+    for name, source in files.items():
+        path = task_root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(source))
+        path.chmod(0o755)
+    output = tmp_path / "output.log"
+
+    async with api_server(**server_options) as server:
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "LAMBENT_RUNTIME_SOCKET": str(server.socket_path),
+            "LAMBDA_TASK_ROOT": str(task_root),
+            "AWS_LAMBDA_RUNTIME_API": f"127.0.0.1:{free_port()}",
+            "_HANDLER": handler,
+            "AWS_LAMBDA_FUNCTION_NAME": "greeter",
+            "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "256",
+            "AWS_LAMBDA_LOG_GROUP_NAME": "/aws/lambda/greeter",
+            "AWS_LAMBDA_LOG_STREAM_NAME": "$LATEST/instance-1",
+        }
+        with output.open("wb") as sink:
+            process = await asyncio.create_subprocess_exec(
+                *(command or [SYSTEM_PYTHON, "-u", str(BOOTSTRAP)]),
+                cwd=task_root,
+                env=env,
+                stdout=sink,
+                stderr=asyncio.subprocess.STDOUT,
+                # Its own process group, so that cleanup also reaches a relay's child.
+                start_new_session=True,
+            )
+        try:
+            yield FunctionProcess(server, process, task_root, output)
+        finally:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
+
+
+async def invoke(
+    server: RuntimeApiServer, event: Any, *, request_id: str = "req-1", **options: Any
+) -> InvocationReply:
+    call = server.invoke(
+        request_id=request_id,
+        payload=json.dumps(event).encode(),
+        deadline_ms=int(time.time() * 1000) + 30_000,
+        function_arn=FUNCTION_ARN,
+        trace_id=TRACE_ID,
+        **options,
+    )
+    return await asyncio.wait_for(call, WAIT_S)
+
+
+async def wait_init(server: RuntimeApiServer) -> InitFailure | None:
+    return await asyncio.wait_for(server.wait_init(), WAIT_S)
+
+
+CONTEXT_HANDLER = """
+    import os
+
+    def handler(event, context):
+        return {
+            "event": event,
+            "aws_request_id": context.aws_request_id,
+            "function_name": context.function_name,
+            "function_version": context.function_version,
+            "memory_limit_in_mb": context.memory_limit_in_mb,
+            "invoked_function_arn": context.invoked_function_arn,
+            "log_group_name": context.log_group_name,
+            "log_stream_name": context.log_stream_name,
+            "identity": context.identity.cognito_identity_id,
+            "client_context": context.client_context,
+            "remaining_ms": context.get_remaining_time_in_millis(),
+            "trace_id": os.environ.get("_X_AMZN_TRACE_ID"),
+        }
+"""
+
+
+def test_invoke_returns_the_handler_result_with_context_fields(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with function_process(tmp_path, {"app.py": CONTEXT_HANDLER}) as function:
+            assert await wait_init(function.server) is None
+            reply = await invoke(function.server, {"name": "Ada"}, request_id="req-42")
+
+        assert reply.ok
+        assert reply.request_id == "req-42"
+        assert reply.error_type is None
+        assert 0 < reply.dispatched_ns < reply.completed_ns
+        result = json.loads(reply.body)
+        assert 25_000 < result.pop("remaining_ms") <= 30_000
+        assert result == {
+            "event": {"name": "Ada"},
+            "aws_request_id": "req-42",
+            "function_name": "greeter",
+            "function_version": "$LATEST",
+            "memory_limit_in_mb": "256",
+            "invoked_function_arn": FUNCTION_ARN,
+            "log_group_name": "/aws/lambda/greeter",
+            "log_stream_name": "$LATEST/instance-1",
+            "identity": None,
+            "client_context": None,
+            "trace_id": TRACE_ID,
+        }
+
+    run(scenario())
+
+
+def test_handler_module_may_be_named_by_path(tmp_path: Path) -> None:
+    files = {"src/greet/app.py": "def handler(event, context):\n    return 'hi ' + event\n"}
+
+    async def scenario() -> None:
+        async with function_process(tmp_path, files, handler="src/greet/app.handler") as function:
+            reply = await invoke(function.server, "Ada")
+
+        assert json.loads(reply.body) == "hi Ada"
+
+    run(scenario())
+
+
+def test_module_level_code_runs_once_across_invocations(tmp_path: Path) -> None:
+    source = """
+        import os
+
+        with open(os.path.join(os.path.dirname(__file__), "inits.log"), "a") as log:
+            log.write("init\\n")
+        calls = 0
+
+        def handler(event, context):
+            global calls
+            calls += 1
+            return {"calls": calls, "pid": os.getpid()}
+    """
+
+    async def scenario() -> None:
+        async with function_process(tmp_path, {"app.py": source}) as function:
+            first = json.loads((await invoke(function.server, {}, request_id="a")).body)
+            second = json.loads((await invoke(function.server, {}, request_id="b")).body)
+            inits = (function.task_root / "inits.log").read_text()
+
+        assert (first["calls"], second["calls"]) == (1, 2)
+        assert first["pid"] == second["pid"]
+        assert inits == "init\n"
+
+    run(scenario())
+
+
+def test_handler_exception_reports_only_user_frames(tmp_path: Path) -> None:
+    source = """
+        def check(value):
+            raise ValueError(f"bad value {value}")
+
+        def handler(event, context):
+            print("checking")
+            return check(event["value"])
+    """
+
+    async def scenario() -> None:
+        async with function_process(tmp_path, {"app.py": source}) as function:
+            reply = await invoke(function.server, {"value": 7})
+            app_file = str(function.task_root / "app.py")
+            logs = function.logs()
+
+        assert not reply.ok
+        assert reply.error_type == "ValueError"
+        error = json.loads(reply.body)
+        assert error["errorType"] == "ValueError"
+        assert error["errorMessage"] == "bad value 7"
+        assert [frame.split(", in ")[1].split("\n")[0] for frame in error["stackTrace"]] == [
+            "handler",
+            "check",
+        ]
+        assert all(f'File "{app_file}"' in frame for frame in error["stackTrace"])
+        assert "bootstrap" not in json.dumps(error)
+        assert "checking\n" in logs
+        assert "[ERROR] ValueError: bad value 7\nTraceback (most recent call last):\n" in logs
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("handler", "source", "error_type", "message"),
+    [
+        ("app", "", "Runtime.MalformedHandlerName", "Bad handler 'app'"),
+        (
+            "app.handler",
+            "import not_installed_anywhere\n",
+            "Runtime.ImportModuleError",
+            "Unable to import module 'app': No module named 'not_installed_anywhere'",
+        ),
+        (
+            "app.handler",
+            "def handler(event, context)\n    return 1\n",
+            "Runtime.UserCodeSyntaxError",
+            "Syntax error in module 'app': expected ':'",
+        ),
+        (
+            "app.handle",
+            "def handler(event, context):\n    return 1\n",
+            "Runtime.HandlerNotFound",
+            "Handler 'handle' missing on module 'app'",
+        ),
+        (
+            "app.handler",
+            "import os\nDSN = os.environ['DATABASE_URL']\n",
+            "KeyError",
+            "'DATABASE_URL'",
+        ),
+    ],
+    ids=["malformed-name", "import-error", "syntax-error", "handler-not-found", "module-raises"],
+)
+def test_init_failure_is_reported_and_ends_the_runtime(
+    tmp_path: Path, handler: str, source: str, error_type: str, message: str
+) -> None:
+    async def scenario() -> None:
+        async with function_process(tmp_path, {"app.py": source}, handler=handler) as function:
+            failure = await wait_init(function.server)
+            status = await function.exit_status()
+            logs = function.logs()
+
+        assert failure is not None
+        assert failure.error_type == error_type
+        body = json.loads(failure.body)
+        assert body["errorType"] == error_type
+        assert body["errorMessage"].startswith(message)
+        assert isinstance(body["stackTrace"], list)
+        assert status == 1
+        assert f"[ERROR] {error_type}: {message}" in logs
+
+    run(scenario())
+
+
+def test_unserializable_result_is_a_marshal_error(tmp_path: Path) -> None:
+    source = "def handler(event, context):\n    return {'tags': {'a', 'b'}}\n"
+
+    async def scenario() -> None:
+        async with function_process(tmp_path, {"app.py": source}) as function:
+            reply = await invoke(function.server, {})
+
+        assert not reply.ok
+        assert reply.error_type == "Runtime.MarshalError"
+        assert json.loads(reply.body)["errorMessage"] == (
+            "Unable to marshal response: Object of type set is not JSON serializable"
+        )
+
+    run(scenario())
+
+
+def test_response_over_the_limit_raises_response_too_large(tmp_path: Path) -> None:
+    source = "def handler(event, context):\n    return 'x' * event\n"
+
+    async def scenario() -> None:
+        files = {"app.py": source}
+        async with function_process(tmp_path, files, max_response_bytes=1024) as function:
+            with pytest.raises(ResponseTooLarge):
+                await invoke(function.server, 5000, request_id="big")
+            # The runtime is told with a 413 and carries on with the next event.
+            small = await invoke(function.server, 10, request_id="small")
+
+        assert small.ok
+        assert json.loads(small.body) == "x" * 10
+
+    run(scenario())
+
+
+def test_chunked_response_over_the_limit_raises_response_too_large() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"x" * 1024
+
+    async def scenario() -> None:
+        async with api_server(max_response_bytes=1024) as server, runtime_client(server) as api:
+            pending = asyncio.create_task(invoke(server, {}))
+            async with api.get(NEXT) as event:
+                request_id = event.headers["Lambda-Runtime-Aws-Request-Id"]
+            path = f"/2018-06-01/runtime/invocation/{request_id}/response"
+            async with api.post(path, data=chunks()) as answer:
+                status, body = answer.status, await answer.json()
+
+            with pytest.raises(ResponseTooLarge):
+                await pending
+
+        assert status == 413
+        assert body["errorType"] == "RequestEntityTooLarge"
+
+    run(scenario())
+
+
+def test_next_carries_the_invocation_headers() -> None:
+    async def scenario() -> None:
+        async with api_server() as server, runtime_client(server) as api:
+            pending = asyncio.create_task(
+                invoke(server, {"a": 1}, request_id="req-7", client_context='{"custom": {}}')
+            )
+            async with api.get(NEXT) as event:
+                headers, body = event.headers, await event.read()
+            path = "/2018-06-01/runtime/invocation/req-7/response"
+            async with api.post(path, data=b'"done"') as answer:
+                accepted = answer.status, await answer.json()
+            reply = await pending
+
+        assert json.loads(body) == {"a": 1}
+        assert headers["Lambda-Runtime-Aws-Request-Id"] == "req-7"
+        assert headers["Lambda-Runtime-Invoked-Function-Arn"] == FUNCTION_ARN
+        assert headers["Lambda-Runtime-Trace-Id"] == TRACE_ID
+        assert headers["Lambda-Runtime-Client-Context"] == '{"custom": {}}'
+        assert int(headers["Lambda-Runtime-Deadline-Ms"]) > time.time() * 1000
+        assert accepted == (202, {"status": "OK"})
+        assert reply.ok and reply.body == b'"done"'
+
+    run(scenario())
+
+
+def test_event_is_kept_for_the_next_poll_when_a_polling_runtime_hung_up() -> None:
+    async def scenario() -> None:
+        async with api_server() as server, runtime_client(server) as api:
+            _, writer = await asyncio.open_unix_connection(str(server.socket_path))
+            writer.write(f"GET {NEXT} HTTP/1.1\r\nHost: runtime\r\n\r\n".encode())
+            await wait_init(server)
+            writer.close()
+            await writer.wait_closed()
+            await asyncio.sleep(0.1)
+
+            pending = asyncio.create_task(invoke(server, {"kept": True}, request_id="req-1"))
+            async with api.get(NEXT) as event:
+                assert await event.json() == {"kept": True}
+            pending.cancel()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "error_type"),
+    [
+        ({"Lambda-Runtime-Function-Error-Type": "Custom.Header"}, b"{}", "Custom.Header"),
+        ({}, b'{"errorMessage": "no", "errorType": "Custom.Body"}', "Custom.Body"),
+        ({}, b"not json", "Unhandled"),
+    ],
+    ids=["header", "body", "default"],
+)
+def test_error_type_comes_from_header_then_body(
+    headers: dict[str, str], body: bytes, error_type: str
+) -> None:
+    async def scenario() -> None:
+        async with api_server() as server, runtime_client(server) as api:
+            pending = asyncio.create_task(invoke(server, {}, request_id="req-1"))
+            async with api.get(NEXT) as event:
+                await event.read()
+            path = "/2018-06-01/runtime/invocation/req-1/error"
+            async with api.post(path, data=body, headers=headers) as answer:
+                status = answer.status
+            reply = await pending
+
+        assert status == 202
+        assert not reply.ok
+        assert reply.error_type == error_type
+        assert reply.body == body
+
+    run(scenario())
+
+
+def test_unknown_request_id_is_rejected() -> None:
+    async def scenario() -> tuple[int, dict[str, str]]:
+        async with api_server() as server, runtime_client(server) as api:
+            path = "/2018-06-01/runtime/invocation/not-a-request/response"
+            async with api.post(path, data=b"{}") as answer:
+                return answer.status, await answer.json()
+
+    status, body = run(scenario())
+
+    assert status == 400
+    assert body["errorType"] == "InvalidRequestID"
+
+
+def test_unknown_route_is_a_json_404() -> None:
+    async def scenario() -> tuple[int, dict[str, str]]:
+        async with (
+            api_server() as server,
+            runtime_client(server) as api,
+            api.post(NEXT) as answer,
+        ):
+            return answer.status, await answer.json()
+
+    status, body = run(scenario())
+
+    assert status == 404
+    assert set(body) == {"errorMessage", "errorType"}
+
+
+def test_socket_is_open_to_the_sandbox_user() -> None:
+    async def scenario() -> int:
+        async with api_server() as server:
+            return server.socket_path.stat().st_mode & 0o777
+
+    assert run(scenario()) == 0o666
+
+
+def test_abort_makes_a_pending_invoke_raise_runtime_gone() -> None:
+    async def scenario() -> None:
+        async with api_server() as server, runtime_client(server) as api:
+            pending = asyncio.create_task(invoke(server, {}, request_id="req-1"))
+            async with api.get(NEXT) as event:
+                await event.read()
+            server.abort("runtime exited with status 137")
+
+            with pytest.raises(RuntimeGone, match="status 137"):
+                await pending
+            path = "/2018-06-01/runtime/invocation/req-1/response"
+            async with api.post(path, data=b"{}") as late:
+                assert late.status == 400
+            with pytest.raises(RuntimeGone):
+                await invoke(server, {}, request_id="req-2")
+
+    run(scenario())
+
+
+def test_abort_during_init_makes_wait_init_raise_runtime_gone() -> None:
+    async def scenario() -> None:
+        async with api_server() as server:
+            waiting = asyncio.create_task(wait_init(server))
+            await asyncio.sleep(0)
+            server.abort("init timed out")
+
+            with pytest.raises(RuntimeGone, match="init timed out"):
+                await waiting
+
+    run(scenario())
+
+
+def test_stop_answers_a_long_polling_runtime_promptly() -> None:
+    async def scenario() -> None:
+        async with api_server() as server, runtime_client(server) as api:
+
+            async def poll() -> int:
+                async with api.get(NEXT) as answer:
+                    return answer.status
+
+            polling = asyncio.create_task(poll())
+            await wait_init(server)
+            started = time.monotonic()
+            await server.stop()
+            status = await asyncio.wait_for(polling, WAIT_S)
+
+            assert status == 503
+            assert time.monotonic() - started < 1
+            assert not server.socket_path.exists()
+            with pytest.raises(RuntimeGone):
+                await invoke(server, {})
+
+    run(scenario())
+
+
+def load_relay() -> ModuleType:
+    # The runtime files are copied into sandboxes rather than installed, so not importable by name.
+    spec = importlib.util.spec_from_file_location("relay_under_test", RELAY)
+    assert spec is not None and spec.loader is not None
+    relay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(relay)
+    return relay
+
+
+def serve_one_reply(socket_path: str) -> threading.Thread:
+    """A Unix socket server that reads a request to its end, then answers and closes."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(socket_path)
+    listener.listen()
+
+    def serve() -> None:
+        with listener, listener.accept()[0] as peer:
+            request = b""
+            while data := peer.recv(1024):
+                request += data
+            peer.sendall(b"got " + request)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def exchange(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as conn:
+        conn.sendall(request)
+        conn.shutdown(socket.SHUT_WR)
+        reply = b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := conn.recv(1024):
+                reply += data
+        return reply
+
+
+def test_relay_passes_a_half_close_through() -> None:
+    directory = tempfile.mkdtemp(prefix="lambent-relay-")
+    socket_path = os.path.join(directory, "runtime.sock")
+    server = serve_one_reply(socket_path)
+    port = free_port()
+    load_relay().start_relay("127.0.0.1", port, socket_path)
+
+    # The server answers only once it has seen the end of the request.
+    assert exchange(port, b"hello") == b"got hello"
+    server.join(WAIT_S)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_relay_keeps_serving_after_the_socket_was_unreachable() -> None:
+    directory = tempfile.mkdtemp(prefix="lambent-relay-")
+    socket_path = os.path.join(directory, "runtime.sock")
+    port = free_port()
+    load_relay().start_relay("127.0.0.1", port, socket_path)
+
+    assert exchange(port, b"early") == b""
+    serve_one_reply(socket_path)
+    assert exchange(port, b"later") == b"got later"
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+PROVIDED_PYTHON_BOOTSTRAP = """
+    import json, os, sys, urllib.request
+
+    api = "http://" + os.environ["AWS_LAMBDA_RUNTIME_API"] + "/2018-06-01/runtime/invocation"
+    while True:
+        with urllib.request.urlopen(api + "/next") as answer:
+            request_id = answer.headers["Lambda-Runtime-Aws-Request-Id"]
+            event = json.loads(answer.read())
+        body = json.dumps({"echo": event, "request_id": request_id}).encode()
+        post = urllib.request.Request(api + "/" + request_id + "/response", data=body)
+        urllib.request.urlopen(post).read()
+        if "exit_status" in event:
+            sys.exit(event["exit_status"])
+"""
+
+
+def test_relay_serves_a_provided_python_runtime_and_passes_on_its_exit_status(
+    tmp_path: Path,
+) -> None:
+    command = [SYSTEM_PYTHON, str(RELAY), "--", SYSTEM_PYTHON, "provided_bootstrap.py"]
+
+    async def scenario() -> None:
+        files = {"provided_bootstrap.py": PROVIDED_PYTHON_BOOTSTRAP}
+        async with function_process(tmp_path, files, command=command) as function:
+            assert await wait_init(function.server) is None
+            first = await invoke(function.server, {"n": 1}, request_id="a")
+            last = await invoke(function.server, {"exit_status": 3}, request_id="b")
+            status = await function.exit_status()
+
+        assert json.loads(first.body) == {"echo": {"n": 1}, "request_id": "a"}
+        assert last.ok
+        assert status == 3
+
+    run(scenario())
+
+
+PROVIDED_SHELL_BOOTSTRAP = """\
+    #!/bin/sh
+    set -eu
+    api="http://$AWS_LAMBDA_RUNTIME_API/2018-06-01/runtime/invocation"
+    headers=./headers.txt
+    while true; do
+        event="$(curl -sS -D "$headers" "$api/next")"
+        request_id="$(grep -i '^lambda-runtime-aws-request-id:' "$headers" | tr -d '\\r')"
+        request_id="${request_id#*: }"
+        curl -sS -o /dev/null -d "{\\"shell\\": $event}" "$api/$request_id/response"
+    done
+"""
+
+
+def test_relay_serves_a_provided_shell_runtime_and_forwards_sigterm(tmp_path: Path) -> None:
+    command = [SYSTEM_PYTHON, str(RELAY), "--", "./bootstrap"]
+
+    async def scenario() -> None:
+        files = {"bootstrap": PROVIDED_SHELL_BOOTSTRAP}
+        async with function_process(tmp_path, files, command=command) as function:
+            reply = await invoke(function.server, {"n": 1})
+            function.process.send_signal(signal.SIGTERM)
+            status = await function.exit_status()
+
+        assert json.loads(reply.body) == {"shell": {"n": 1}}
+        assert status == 128 + signal.SIGTERM
+
+    run(scenario())

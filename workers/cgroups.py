@@ -1,0 +1,132 @@
+"""Per-instance control groups (cgroup v1): memory limit and peak, pids limit, CPU share.
+
+Lambent's machines run the hybrid hierarchy, so each controller is its own tree under
+``/sys/fs/cgroup/<controller>/lambent/<instance>``. A process joins the groups by writing its own
+pid before it execs the sandbox (see ``join_command``), so nothing it forks escapes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CONTROLLERS = ("memory", "pids", "cpu")
+PARENT = "lambent"
+
+# Lambda gives a function one vCPU at 1,769 MB; shares follow the same slope. A share is a weight
+# under contention, not a cap, so a small function still starts at full speed on an idle host.
+MB_PER_VCPU = 1769
+FULL_SHARE = 1024
+
+
+class CgroupUnavailable(RuntimeError):
+    pass
+
+
+def check_available() -> None:
+    missing = [c for c in CONTROLLERS if not (CGROUP_ROOT / c / "cgroup.procs").exists()]
+    if missing:
+        raise CgroupUnavailable(
+            "the process sandbox needs the cgroup v1 controllers "
+            f"{', '.join(CONTROLLERS)} under {CGROUP_ROOT}; missing: {', '.join(missing)}"
+        )
+
+
+@dataclass(frozen=True)
+class CgroupLimits:
+    memory_mb: int
+    pids_max: int
+
+
+class InstanceCgroup:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.paths = {c: CGROUP_ROOT / c / PARENT / name for c in CONTROLLERS}
+
+    def create(self, limits: CgroupLimits) -> None:
+        for path in self.paths.values():
+            path.mkdir(parents=True, exist_ok=True)
+
+        memory = self.paths["memory"]
+        limit_bytes = str(limits.memory_mb * 1024 * 1024)
+        _write(memory / "memory.limit_in_bytes", limit_bytes)
+        # memsw exists only with swap accounting; without it there is no swap to escape into.
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            _write(memory / "memory.memsw.limit_in_bytes", limit_bytes)
+        _write(memory / "memory.swappiness", "0")
+        _write(self.paths["pids"] / "pids.max", str(limits.pids_max))
+        shares = max(2, FULL_SHARE * limits.memory_mb // MB_PER_VCPU)
+        _write(self.paths["cpu"] / "cpu.shares", str(shares))
+
+    def join_command(self) -> list[str]:
+        """A command prefix that moves itself into the groups, then execs the rest."""
+        targets = " ".join(str(p / "cgroup.procs") for p in self.paths.values())
+        script = f'for f in {targets}; do echo $$ > "$f" || exit 125; done; exec "$@"'
+        return ["/bin/sh", "-c", script, "lambent-cgroup-join"]
+
+    def peak_memory_mb(self) -> int:
+        raw = _read(self.paths["memory"] / "memory.max_usage_in_bytes")
+        return -(-int(raw or 0) // (1024 * 1024))
+
+    def oom_kills(self) -> int:
+        for line in _read(self.paths["memory"] / "memory.oom_control").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        # Older kernels report no count; a hit limit is the next best evidence.
+        return int(_read(self.paths["memory"] / "memory.failcnt") or 0)
+
+    def pids(self) -> list[int]:
+        return [int(p) for p in _read(self.paths["pids"] / "cgroup.procs").split()]
+
+    def kill_all(self) -> None:
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def destroy(self, wait_s: float = 2.0) -> None:
+        """Kill what is left inside and remove the groups; a busy group is retried briefly."""
+        deadline = time.monotonic() + wait_s
+        for path in self.paths.values():
+            while path.exists():
+                try:
+                    path.rmdir()
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    self.kill_all()
+                    time.sleep(0.01)
+
+
+def remove_stale_groups() -> int:
+    """Remove empty groups left by a worker that died; groups with live processes stay."""
+    removed = 0
+    for controller in CONTROLLERS:
+        parent = CGROUP_ROOT / controller / PARENT
+        if not parent.is_dir():
+            continue
+        for child in parent.iterdir():
+            if child.is_dir() and not _read(child / "cgroup.procs").strip():
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+                    removed += 1
+    return removed
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""

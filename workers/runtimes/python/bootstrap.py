@@ -1,0 +1,375 @@
+"""Lambent's built-in python3.11 runtime.
+
+The sandbox runs it as ``/usr/bin/python3 -u /var/runtime/python/bootstrap.py`` with the
+function's code in /var/task as the working directory. Only the standard library is available.
+
+It loads the handler named by _HANDLER, reports a failure to load on /init/error, then loops:
+take an event from /next, call the handler, post its result to /response or its exception to
+/error. It speaks the Runtime API directly on the Unix socket mounted into the sandbox, over
+one keep-alive connection, and starts the TCP relay so that user code and SDKs find the same
+API at AWS_LAMBDA_RUNTIME_API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import decimal
+import http.client
+import importlib
+import importlib.util
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+
+DEFAULT_SOCKET = "/var/runtime/api/runtime.sock"
+
+_API = "/2018-06-01/runtime"
+_THIS_FILE = os.path.abspath(__file__)
+# /var/runtime in the sandbox, which holds relay.py; this file sits in its python/ folder.
+_RUNTIME_DIR = os.path.dirname(os.path.dirname(_THIS_FILE))
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: str) -> None:
+        super().__init__("localhost")
+        self._socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self._socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class RuntimeApiError(Exception):
+    """The Runtime API refused to hand out events: the worker is tearing the sandbox down."""
+
+
+class RuntimeApi:
+    """A client for the Runtime API over the worker's Unix socket."""
+
+    def __init__(self, socket_path: str) -> None:
+        self._connection = _UnixHTTPConnection(socket_path)
+
+    def next_invocation(self) -> tuple[bytes, http.client.HTTPMessage]:
+        status, headers, body = self._request("GET", f"{_API}/invocation/next")
+        if status != 200:
+            raise RuntimeApiError(f"/next answered {status}: {body[:200]!r}")
+        return body, headers
+
+    def post_response(self, request_id: str, body: bytes) -> None:
+        self._request("POST", f"{_API}/invocation/{request_id}/response", body)
+
+    def post_error(self, request_id: str, failure: FunctionError) -> None:
+        path = f"{_API}/invocation/{request_id}/error"
+        self._request("POST", path, failure.to_json(), failure.error_type)
+
+    def post_init_error(self, failure: FunctionError) -> None:
+        self._request("POST", f"{_API}/init/error", failure.to_json(), failure.error_type)
+
+    def _request(
+        self, method: str, path: str, body: bytes | None = None, error_type: str | None = None
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if error_type is not None:
+            headers["Lambda-Runtime-Function-Error-Type"] = error_type
+
+        # A connection can be dropped while a long handler runs; one retry on a new connection
+        # covers that. A retried post the worker had already taken is refused with a harmless
+        # 400, and replies other than /next are not acted upon.
+        try:
+            return self._exchange(method, path, body, headers)
+        except (ConnectionError, http.client.HTTPException):
+            self._connection.close()
+        return self._exchange(method, path, body, headers)
+
+    def _exchange(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        self._connection.request(method, path, body, headers)
+        response = self._connection.getresponse()
+        return response.status, response.headers, response.read()
+
+
+class FunctionError(Exception):
+    """A failure reported to the Runtime API, in Lambda's error shape."""
+
+    def __init__(self, error_type: str, message: str, stack_trace: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.stack_trace = stack_trace or []
+
+    def to_json(self) -> bytes:
+        payload = {
+            "errorMessage": self.message,
+            "errorType": self.error_type,
+            "stackTrace": self.stack_trace,
+        }
+        return json.dumps(payload).encode()
+
+    def log(self) -> None:
+        lines = [f"[ERROR] {self.error_type}: {self.message}\n"]
+        if self.stack_trace:
+            lines.append("Traceback (most recent call last):\n")
+            lines.extend(self.stack_trace)
+        sys.stderr.write("".join(lines))
+
+
+class CognitoIdentity:
+    __slots__ = ("cognito_identity_id", "cognito_identity_pool_id")
+
+    def __init__(self, data: dict | None = None) -> None:
+        data = data or {}
+        self.cognito_identity_id = data.get("cognitoIdentityId")
+        self.cognito_identity_pool_id = data.get("cognitoIdentityPoolId")
+
+
+class Client:
+    __slots__ = (
+        "installation_id",
+        "app_title",
+        "app_version_name",
+        "app_version_code",
+        "app_package_name",
+    )
+
+    def __init__(self, data: dict) -> None:
+        for name in self.__slots__:
+            setattr(self, name, data.get(name))
+
+
+class ClientContext:
+    __slots__ = ("client", "custom", "env")
+
+    def __init__(self, data: dict) -> None:
+        client = data.get("client")
+        self.client = Client(client) if isinstance(client, dict) else None
+        self.custom = data.get("custom")
+        self.env = data.get("env")
+
+
+class LambdaContext:
+    """The handler's second argument, with the attributes Lambda's Python runtime provides."""
+
+    def __init__(
+        self,
+        function: dict[str, str | None],
+        request_id: str,
+        deadline_ms: int,
+        invoked_function_arn: str | None,
+        client_context: ClientContext | None,
+        identity: CognitoIdentity,
+    ) -> None:
+        self.aws_request_id = request_id
+        self.invoked_function_arn = invoked_function_arn
+        self.client_context = client_context
+        self.identity = identity
+        self.function_name = function["function_name"]
+        self.function_version = function["function_version"]
+        # A string, as in Lambda's Python runtime, which passes the environment value through.
+        self.memory_limit_in_mb = function["memory_limit_in_mb"]
+        self.log_group_name = function["log_group_name"]
+        self.log_stream_name = function["log_stream_name"]
+        self._deadline_ms = deadline_ms
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(self._deadline_ms - int(time.time() * 1000), 0)
+
+    def log(self, message: str) -> None:
+        sys.stdout.write(str(message))
+
+
+def _function_from_env() -> dict[str, str | None]:
+    # Read once, before user code runs and can change os.environ.
+    env = os.environ
+    return {
+        "function_name": env.get("AWS_LAMBDA_FUNCTION_NAME"),
+        "function_version": env.get("AWS_LAMBDA_FUNCTION_VERSION"),
+        "memory_limit_in_mb": env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE"),
+        "log_group_name": env.get("AWS_LAMBDA_LOG_GROUP_NAME"),
+        "log_stream_name": env.get("AWS_LAMBDA_LOG_STREAM_NAME"),
+    }
+
+
+def _start_relay(socket_path: str) -> None:
+    address = os.environ.get("AWS_LAMBDA_RUNTIME_API")
+    if not address:
+        return
+
+    # relay.py is loaded from its file under a private module name rather than through
+    # sys.path: a user module called "relay" must still import the user's own file.
+    spec = importlib.util.spec_from_file_location(
+        "_lambent_relay", os.path.join(_RUNTIME_DIR, "relay.py")
+    )
+    relay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(relay)
+    host, _, port = address.rpartition(":")
+    try:
+        relay.start_relay(host.strip("[]"), int(port), socket_path)
+    except (OSError, ValueError) as error:
+        # This runtime does not need the relay itself; only user code calling the API over TCP
+        # is affected, so the function still starts.
+        sys.stderr.write(f"[WARNING] Runtime API relay not started on {address}: {error}\n")
+
+
+def _use_task_root_for_imports() -> None:
+    task_root = os.environ.get("LAMBDA_TASK_ROOT", "/var/task")
+    runtime_dirs = {_RUNTIME_DIR, os.path.dirname(_THIS_FILE)}
+    rest = [
+        entry
+        for entry in sys.path
+        if entry != task_root and os.path.abspath(entry or ".") not in runtime_dirs
+    ]
+    sys.path[:] = [task_root, *rest]
+
+
+def _user_frames(error: BaseException) -> list[str]:
+    """Format the traceback of error without this runtime's frames or importlib's."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if not frame.filename.startswith((_RUNTIME_DIR + os.sep, "<frozen importlib"))
+    ]
+    return traceback.format_list(frames)
+
+
+def load_handler(handler: str):
+    """Import the handler named "module.function"; the module part may use "/" or "."."""
+    module_name, _, function_name = handler.rpartition(".")
+    if not module_name or not function_name:
+        raise FunctionError(
+            "Runtime.MalformedHandlerName",
+            f"Bad handler '{handler}': expected the form <module>.<function>",
+        )
+
+    try:
+        module = importlib.import_module(module_name.replace("/", "."))
+    except ImportError as error:
+        raise FunctionError(
+            "Runtime.ImportModuleError", f"Unable to import module '{module_name}': {error}"
+        ) from None
+    except SyntaxError as error:
+        location = f'  File "{error.filename}", line {error.lineno}\n'
+        if error.text:
+            location += f"    {error.text.strip()}\n"
+        raise FunctionError(
+            "Runtime.UserCodeSyntaxError",
+            f"Syntax error in module '{module_name}': {error}",
+            [location],
+        ) from None
+    except Exception as error:
+        raise FunctionError(type(error).__name__, str(error), _user_frames(error)) from None
+
+    try:
+        return getattr(module, function_name)
+    except AttributeError:
+        raise FunctionError(
+            "Runtime.HandlerNotFound",
+            f"Handler '{function_name}' missing on module '{module_name}'",
+        ) from None
+
+
+def _json_default(value: object) -> object:
+    # DynamoDB hands numbers to handlers as Decimal; Lambda's runtime returns them as floats.
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _decode_event(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace")
+
+
+def _parse_json_header(value: str | None) -> dict | None:
+    if not value:
+        return None
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _flush_output() -> None:
+    # The worker attributes output to the invocation that is running, and reads it once the
+    # reply has arrived, so everything the handler printed must be in the pipe before that.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+
+
+def invoke(api: RuntimeApi, handler, function: dict[str, str | None]) -> None:
+    """Take one event from the Runtime API, run the handler on it and post the outcome."""
+    body, headers = api.next_invocation()
+    request_id = headers.get("Lambda-Runtime-Aws-Request-Id", "")
+    trace_id = headers.get("Lambda-Runtime-Trace-Id")
+    if trace_id:
+        os.environ["_X_AMZN_TRACE_ID"] = trace_id
+    else:
+        os.environ.pop("_X_AMZN_TRACE_ID", None)
+
+    client_context = _parse_json_header(headers.get("Lambda-Runtime-Client-Context"))
+    context = LambdaContext(
+        function,
+        request_id,
+        int(headers.get("Lambda-Runtime-Deadline-Ms") or 0),
+        headers.get("Lambda-Runtime-Invoked-Function-Arn"),
+        ClientContext(client_context) if client_context is not None else None,
+        CognitoIdentity(_parse_json_header(headers.get("Lambda-Runtime-Cognito-Identity"))),
+    )
+
+    try:
+        result = handler(_decode_event(body), context)
+    except Exception as error:
+        failure = FunctionError(type(error).__name__, str(error), _user_frames(error))
+    else:
+        try:
+            response = json.dumps(result, default=_json_default).encode()
+        except Exception as error:
+            failure = FunctionError("Runtime.MarshalError", f"Unable to marshal response: {error}")
+        else:
+            _flush_output()
+            api.post_response(request_id, response)
+            return
+
+    failure.log()
+    _flush_output()
+    api.post_error(request_id, failure)
+
+
+def main() -> int:
+    socket_path = os.environ.get("LAMBENT_RUNTIME_SOCKET", DEFAULT_SOCKET)
+    api = RuntimeApi(socket_path)
+    _start_relay(socket_path)
+    _use_task_root_for_imports()
+    function = _function_from_env()
+
+    try:
+        try:
+            handler = load_handler(os.environ.get("_HANDLER", ""))
+        except FunctionError as failure:
+            failure.log()
+            _flush_output()
+            api.post_init_error(failure)
+            return 1
+
+        while True:
+            invoke(api, handler, function)
+    except (OSError, http.client.HTTPException, RuntimeApiError) as error:
+        # The worker closes the API when it tears the sandbox down; there is nobody to report to.
+        sys.stderr.write(f"[ERROR] Runtime API unavailable: {error}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

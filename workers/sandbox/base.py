@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+# Where things appear inside every sandbox, whatever the backend.
+TASK_ROOT = "/var/task"
+RUNTIME_DIR = "/var/runtime"
+API_DIR = "/var/runtime/api"
+API_SOCKET = "/var/runtime/api/runtime.sock"
+
+
+class SandboxStartError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    instance_id: str
+    command: list[str]
+    env: dict[str, str]
+    code_dir: Path
+    runtime_dir: Path
+    api_dir: Path
+    memory_mb: int
+    tmp_mb: int
+    pids_max: int
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+OutputHandler = Callable[[bytes], None]
+
+
+class Sandbox(Protocol):
+    """One running execution environment, as its backend sees it."""
+
+    instance_id: str
+
+    def set_output_handler(self, handler: OutputHandler) -> None:
+        """Deliver everything the sandbox writes to stdout and stderr, in order."""
+
+    def drain_output(self) -> None:
+        """Deliver, synchronously, every byte already written; called when a reply arrives."""
+
+    async def wait(self) -> int:
+        """Wait for the sandbox to end; its exit status (negative for a signal)."""
+
+    def peak_memory_mb(self) -> int: ...
+
+    def oom_killed(self) -> bool: ...
+
+    async def destroy(self) -> None:
+        """Kill everything inside and release the sandbox's resources; idempotent."""
+
+
+class SandboxBackend(Protocol):
+    name: str
+
+    async def start(self, spec: SandboxSpec) -> Sandbox: ...
+
+    async def close(self) -> None: ...
