@@ -19,7 +19,7 @@ from app.errors import LambentError
 from app.functions.cache import FunctionCache
 from app.functions.routes import router as functions_router
 from app.invocations.routes import router as invocations_router
-from app.logging import configure_logging, get_logger
+from app.logging import get_logger
 from app.metering.routes import router as usage_router
 from app.packages.store import LocalObjectStore
 from app.platform import Platform

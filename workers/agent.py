@@ -21,7 +21,14 @@ from pathlib import Path
 from app.logging import get_logger
 from app.packages.validation import PackageLimits, extract_zip
 from workers.environment import ExecutionEnvironment
-from workers.protocol import InstanceGone, InstanceSpec, InstanceStatus, InvokeRequest, InvokeResult, StartResult
+from workers.protocol import (
+    InstanceGone,
+    InstanceSpec,
+    InstanceStatus,
+    InvokeRequest,
+    InvokeResult,
+    StartResult,
+)
 from workers.runtime_api import RuntimeApiServer
 from workers.sandbox import SandboxBackend, SandboxSpec
 from workers.sandbox.base import API_SOCKET, RUNTIME_DIR, TASK_ROOT
@@ -120,10 +127,14 @@ class Worker:
 
         # The runtime files are copied where the sandbox uid can read them, read-only to all.
         staging = Path(tempfile.mkdtemp(dir=self.config.sandbox_dir, prefix=".runtime-"))
-        shutil.copytree(RUNTIME_SOURCE, staging, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            RUNTIME_SOURCE,
+            staging,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
         (staging / "api").mkdir(exist_ok=True)  # mount point of each instance's socket dir
-        for root, dirs, files in os.walk(staging):
+        for root, _dirs, files in os.walk(staging):
             os.chmod(root, 0o755)
             for name in files:
                 os.chmod(os.path.join(root, name), 0o644)

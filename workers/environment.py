@@ -149,10 +149,7 @@ class ExecutionEnvironment:
         return StartResult(self.instance_id, init_duration_ns, init_logs, peak_mb)
 
     def _death_error(self, reason: str) -> tuple[str, bytes]:
-        if self.sandbox.oom_killed():
-            kind = "Runtime.OutOfMemory"
-        else:
-            kind = "Runtime.ExitError"
+        kind = "Runtime.OutOfMemory" if self.sandbox.oom_killed() else "Runtime.ExitError"
         status = self._exit_status
         detail = f"signal: {-status}" if status is not None and status < 0 else reason
         if status is not None and status >= 128:
@@ -244,4 +241,3 @@ class ExecutionEnvironment:
             if asyncio.current_task() is not self._watcher:
                 self._watcher.cancel()
             self._on_stopped(self)
-

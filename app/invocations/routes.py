@@ -12,8 +12,8 @@ from app.invocations import service
 from app.invocations.models import Invocation
 from app.invocations.schemas import FunctionError, InvocationList, InvocationOut, InvocationSummary
 from app.platform import Platform, get_platform
-from app.tenants.scope import TenantScope
 from app.tenants.schemas import ResourceName
+from app.tenants.scope import TenantScope
 
 router = APIRouter(tags=["invocations"])
 

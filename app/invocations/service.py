@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import insert
+
 from app.invocations.models import Invocation
 from app.logging import get_logger
 from app.metering.models import UsageRecord
@@ -29,7 +31,8 @@ class InvocationOutcome:
 
 
 def new_trace_id() -> str:
-    return f"Root=1-{int(time.time()):08x}-{os.urandom(12).hex()};Parent={os.urandom(8).hex()};Sampled=0"
+    root = f"1-{int(time.time()):08x}-{os.urandom(12).hex()}"
+    return f"Root={root};Parent={os.urandom(8).hex()};Sampled=0"
 
 
 def format_ms(ns: int) -> str:
@@ -109,41 +112,40 @@ async def invoke(platform: Platform, spec: InstanceSpec, payload: bytes) -> Invo
     )
 
     finished_at = max(datetime.now(UTC), started_at + timedelta(microseconds=duration_ns // 1000))
-    async with platform.db.sessionmaker() as session:
-        session.add(
-            Invocation(
-                request_id=request_id,
-                tenant_id=spec.tenant_id,
-                function_id=spec.function_id,
-                function_name=spec.function_name,
-                status=status.value,
-                error_type=error_type,
-                cold_start=scheduled.cold_start,
-                duration_ns=duration_ns,
-                billed_ms=billed,
-                init_duration_ns=init_duration_ns,
-                memory_mb=spec.memory_mb,
-                max_memory_used_mb=max_memory_mb,
-                instance_id=scheduled.instance_id,
-                logs=logs,
-                started_at=started_at,
-                finished_at=finished_at,
-            )
-        )
-        session.add(
-            UsageRecord(
-                request_id=request_id,
-                tenant_id=spec.tenant_id,
-                function_id=spec.function_id,
-                function_name=spec.function_name,
-                recorded_at=finished_at,
-                requests=1,
-                memory_mb=spec.memory_mb,
-                billed_ms=billed,
-                mb_ms=billed * spec.memory_mb,
-            )
-        )
-        await session.commit()
+    invocation_row = {
+        "request_id": request_id,
+        "tenant_id": spec.tenant_id,
+        "function_id": spec.function_id,
+        "function_name": spec.function_name,
+        "status": status.value,
+        "error_type": error_type,
+        "cold_start": scheduled.cold_start,
+        "duration_ns": duration_ns,
+        "billed_ms": billed,
+        "init_duration_ns": init_duration_ns,
+        "memory_mb": spec.memory_mb,
+        "max_memory_used_mb": max_memory_mb,
+        "instance_id": scheduled.instance_id,
+        "logs": logs,
+        "started_at": started_at,
+        "finished_at": finished_at,
+    }
+    usage_row = {
+        "request_id": request_id,
+        "tenant_id": spec.tenant_id,
+        "function_id": spec.function_id,
+        "function_name": spec.function_name,
+        "recorded_at": finished_at,
+        "requests": 1,
+        "memory_mb": spec.memory_mb,
+        "billed_ms": billed,
+        "mb_ms": billed * spec.memory_mb,
+    }
+    # One transaction: the final status and the usage record exist together or not at all.
+    # Core inserts, not the ORM: this runs on every invocation.
+    async with platform.db.engine.begin() as connection:
+        await connection.execute(insert(Invocation), [invocation_row])
+        await connection.execute(insert(UsageRecord), [usage_row])
 
     if status is not InvocationStatus.SUCCESS:
         log.info(

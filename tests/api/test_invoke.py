@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 
-from tests.support import Tenant
+from tests.support import Tenant, make_zip
 
 ECHO = """
 import os
@@ -105,7 +106,9 @@ def test_empty_body_is_an_empty_event(tenant: Tenant) -> None:
 def test_body_that_is_not_json_is_rejected(tenant: Tenant) -> None:
     tenant.deploy("badjson", ECHO)
 
-    response = tenant.invoke("badjson", content=b"{not json", headers={"content-type": "text/plain"})
+    response = tenant.invoke(
+        "badjson", content=b"{not json", headers={"content-type": "text/plain"}
+    )
 
     assert response.status_code == 400
     assert response.json()["type"] == "InvalidRequestContentException"
@@ -268,14 +271,20 @@ def test_logs_hold_start_end_and_report_lines(tenant: Tenant) -> None:
     assert lines[start + 1 : end] == ["line one", "line two"]
     report = lines[end + 1]
     assert report.startswith(f"REPORT RequestId: {request_id}\tDuration: ")
-    for field in ("Billed Duration: ", "Memory Size: 128 MB", "Max Memory Used: ", "Init Duration: "):
+    for field in (
+        "Billed Duration: ",
+        "Memory Size: 128 MB",
+        "Max Memory Used: ",
+        "Init Duration: ",
+    ):
         assert field in report
     assert f"Billed Duration: {record['billed_duration_ms']} ms" in report
 
 
 def test_logs_are_capped_per_invocation(tenant: Tenant) -> None:
     tenant.deploy(
-        "chatty", "def handler(e, c):\n    for i in range(200000):\n        print('x' * 99)\n",
+        "chatty",
+        "def handler(e, c):\n    for i in range(200000):\n        print('x' * 99)\n",
         timeout_s=30,
     )
 
@@ -323,9 +332,6 @@ def test_invoking_a_missing_function_is_404(tenant: Tenant) -> None:
 def test_code_update_takes_effect_on_next_invoke(tenant: Tenant) -> None:
     tenant.deploy("versioned", "def handler(e, c):\n    return 'one'\n")
     assert tenant.invoke("versioned").json() == "one"
-
-    from tests.support import make_zip
-    import base64
 
     package = make_zip({"app.py": "def handler(e, c):\n    return 'two'\n"})
     response = tenant.http.put(
