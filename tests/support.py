@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from workers.agent import resolve_sandbox_dir
 
 REPO = Path(__file__).resolve().parent.parent
 LAMBENT = REPO / ".venv" / "bin" / "lambent"
@@ -71,6 +74,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        # Test data dirs sit in private temp dirs, so the server kept its sandbox files
+        # (code cache) under /var/lib/lambent; they are of no use after the test.
+        sandbox_dir = resolve_sandbox_dir(self.data_dir, None)
+        if sandbox_dir.is_relative_to("/var/lib/lambent"):
+            shutil.rmtree(sandbox_dir, ignore_errors=True)
 
 
 def start_server(

@@ -241,7 +241,7 @@ class RuntimeApiServer:
             # aiohttp keeps running a handler whose client has hung up. An event written to a
             # closed connection would be lost, so it goes to the runtime's next poll instead.
             transport = request.transport
-            if False:
+            if transport is None or transport.is_closing():
                 self._dispatch(invocation)
                 return _error(503, "ConnectionClosed", "The runtime closed this connection")
 

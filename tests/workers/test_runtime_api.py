@@ -74,7 +74,10 @@ async def api_server(**options: Any) -> AsyncIterator[RuntimeApiServer]:
 async def runtime_client(server: RuntimeApiServer) -> AsyncIterator[aiohttp.ClientSession]:
     """An HTTP client standing in for a runtime, for exchanges no real runtime would make."""
     connector = aiohttp.UnixConnector(path=str(server.socket_path))
-    async with aiohttp.ClientSession("http://runtime", connector=connector) as session:
+    timeout = aiohttp.ClientTimeout(total=WAIT_S)
+    async with aiohttp.ClientSession(
+        "http://runtime", connector=connector, timeout=timeout
+    ) as session:
         yield session
 
 
@@ -219,6 +222,52 @@ def test_handler_module_may_be_named_by_path(tmp_path: Path) -> None:
             reply = await invoke(function.server, "Ada")
 
         assert json.loads(reply.body) == "hi Ada"
+
+    run(scenario())
+
+
+def test_user_code_imports_from_the_task_root_not_the_runtime(tmp_path: Path) -> None:
+    files = {
+        "relay.py": "OWNER = 'user'\n",
+        "app.py": """
+            import sys
+            import relay
+
+            def handler(event, context):
+                return {"path": sys.path, "relay": relay.OWNER}
+        """,
+    }
+
+    async def scenario() -> None:
+        async with function_process(tmp_path, files) as function:
+            result = json.loads((await invoke(function.server, {})).body)
+            task_root = str(function.task_root)
+
+        assert result["path"][0] == task_root
+        assert not any(entry.startswith(str(RUNTIMES)) for entry in result["path"])
+        assert result["relay"] == "user"
+
+    run(scenario())
+
+
+def test_user_code_reaches_the_runtime_api_on_its_tcp_address(tmp_path: Path) -> None:
+    source = """
+        import os, urllib.error, urllib.request
+
+        def handler(event, context):
+            url = "http://" + os.environ["AWS_LAMBDA_RUNTIME_API"] + "/2018-06-01/ping"
+            try:
+                urllib.request.urlopen(url, timeout=5)
+            except urllib.error.HTTPError as error:
+                return {"status": error.code, "body": error.read().decode()}
+    """
+
+    async def scenario() -> None:
+        async with function_process(tmp_path, {"app.py": source}) as function:
+            result = json.loads((await invoke(function.server, {})).body)
+
+        assert result["status"] == 404
+        assert json.loads(result["body"])["errorType"] == "NotFound"
 
     run(scenario())
 
@@ -583,14 +632,18 @@ def serve_one_reply(socket_path: str) -> threading.Thread:
 
 
 def exchange(port: int, request: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as conn:
+    """Send a request through the relay, end it, and return whatever comes back."""
+    reply = b""
+    # A relay that cannot reach its socket drops the connection at any point of this.
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as conn,
+        contextlib.suppress(OSError),
+    ):
         conn.sendall(request)
         conn.shutdown(socket.SHUT_WR)
-        reply = b""
-        with contextlib.suppress(ConnectionResetError):
-            while data := conn.recv(1024):
-                reply += data
-        return reply
+        while data := conn.recv(1024):
+            reply += data
+    return reply
 
 
 def test_relay_passes_a_half_close_through() -> None:
@@ -600,10 +653,12 @@ def test_relay_passes_a_half_close_through() -> None:
     port = free_port()
     load_relay().start_relay("127.0.0.1", port, socket_path)
 
-    # The server answers only once it has seen the end of the request.
-    assert exchange(port, b"hello") == b"got hello"
-    server.join(WAIT_S)
-    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        # The server answers only once it has seen the end of the request.
+        assert exchange(port, b"hello") == b"got hello"
+        server.join(WAIT_S)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_relay_keeps_serving_after_the_socket_was_unreachable() -> None:
@@ -612,10 +667,12 @@ def test_relay_keeps_serving_after_the_socket_was_unreachable() -> None:
     port = free_port()
     load_relay().start_relay("127.0.0.1", port, socket_path)
 
-    assert exchange(port, b"early") == b""
-    serve_one_reply(socket_path)
-    assert exchange(port, b"later") == b"got later"
-    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        assert exchange(port, b"early") == b""
+        serve_one_reply(socket_path)
+        assert exchange(port, b"later") == b"got later"
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 PROVIDED_PYTHON_BOOTSTRAP = """
