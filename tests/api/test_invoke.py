@@ -341,3 +341,19 @@ def test_code_update_takes_effect_on_next_invoke(tenant: Tenant) -> None:
     assert response.status_code == 200, response.text
 
     assert tenant.invoke("versioned").json() == "two"
+
+
+def test_root_logger_writes_lambda_style_lines_with_the_request_id(tenant: Tenant) -> None:
+    tenant.deploy(
+        "logger",
+        "import logging\nlogger = logging.getLogger()\nlogger.setLevel(logging.INFO)\n"
+        "def handler(e, c):\n    logger.info('processing %s', e['id'])\n",
+    )
+
+    response = tenant.invoke("logger", {"id": 42})
+    request_id = response.headers["x-request-id"]
+    logs = tenant.invocation(request_id)["logs"]
+
+    line = next(x for x in logs.splitlines() if x.startswith("[INFO]"))
+    level, timestamp, logged_id, message = line.split("\t")
+    assert timestamp.endswith("Z") and logged_id == request_id and message == "processing 42"

@@ -18,6 +18,7 @@ import http.client
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import socket
 import sys
@@ -186,6 +187,33 @@ class LambdaContext:
         sys.stdout.write(str(message))
 
 
+class _RequestIdFilter(logging.Filter):
+    """Stamps each log record with the id of the invocation that is running."""
+
+    request_id = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.aws_request_id = self.request_id
+        return True
+
+
+_REQUEST_ID_FILTER = _RequestIdFilter()
+
+
+def _install_logging() -> None:
+    # Lambda's Python runtime puts a handler on the root logger, so that the common
+    # `logging.getLogger().setLevel(logging.INFO)` is all a function needs to log.
+    formatter = logging.Formatter(
+        "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s",
+        "%Y-%m-%dT%H:%M:%S",
+    )
+    formatter.converter = time.gmtime
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    handler.addFilter(_REQUEST_ID_FILTER)
+    logging.getLogger().addHandler(handler)
+
+
 def _function_from_env() -> dict[str, str | None]:
     # Read once, before user code runs and can change os.environ.
     env = os.environ
@@ -312,6 +340,7 @@ def invoke(api: RuntimeApi, handler, function: dict[str, str | None]) -> None:
     """Take one event from the Runtime API, run the handler on it and post the outcome."""
     body, headers = api.next_invocation()
     request_id = headers.get("Lambda-Runtime-Aws-Request-Id", "")
+    _REQUEST_ID_FILTER.request_id = request_id
     trace_id = headers.get("Lambda-Runtime-Trace-Id")
     if trace_id:
         os.environ["_X_AMZN_TRACE_ID"] = trace_id
@@ -352,6 +381,7 @@ def main() -> int:
     api = RuntimeApi(socket_path)
     _start_relay(socket_path)
     _use_task_root_for_imports()
+    _install_logging()
     function = _function_from_env()
 
     try:
