@@ -39,7 +39,14 @@ class ErrorOut(BaseModel):
     message: str
 
 
-HTTP_ERROR_TYPES = {404: "ResourceNotFound", 405: "MethodNotAllowed", 401: "Unauthorized"}
+HTTP_ERROR_TYPES = {
+    400: "InvalidRequestContentException",
+    401: "Unauthorized",
+    404: "ResourceNotFound",
+    405: "MethodNotAllowed",
+    413: "RequestTooLargeException",
+    415: "UnsupportedMediaTypeException",
+}
 
 
 def error_response(status: int, type_: str, message: str, **extra: Any) -> JSONResponse:

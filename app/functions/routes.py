@@ -4,9 +4,11 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
+from app.auth import require_tenant
 from app.errors import InvalidParameterValue, InvalidRequestContent
 from app.functions import service
 from app.functions.models import Function
@@ -18,7 +20,6 @@ from app.functions.schemas import (
     FunctionOut,
     FunctionUpdate,
 )
-from app.auth import require_tenant
 from app.http import limited_request, read_limited
 from app.packages.spool import SpooledPackage, spool_stream
 from app.platform import Platform, get_platform
@@ -28,8 +29,15 @@ router = APIRouter(prefix="/v1/functions", tags=["functions"])
 
 # base64 grows a package by a third; the JSON around it is small.
 JSON_OVERHEAD_BYTES = 64 * 1024
-MULTIPART_FIELDS = ("name", "runtime", "handler", "memory_mb", "timeout_s", "environment",
-                    "description")
+MULTIPART_FIELDS = (
+    "name",
+    "runtime",
+    "handler",
+    "memory_mb",
+    "timeout_s",
+    "environment",
+    "description",
+)
 
 
 def function_out(platform: Platform, fn: Function) -> FunctionOut:
@@ -50,8 +58,26 @@ def function_out(platform: Platform, fn: Function) -> FunctionOut:
     )
 
 
-def _schema_ref(model: type) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{model.__name__}"}
+def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with the models it nests written in place.
+
+    FastAPI copies ``openapi_extra`` as it is and lists only the models of typed parameters and
+    responses under components, so a ``$ref`` to a model used only here would point nowhere.
+    """
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            rest = {k: v for k, v in node.items() if k != "$ref"}
+            return {**inline(defs[node["$ref"].rsplit("/", 1)[-1]]), **rest}
+        return {key: inline(value) for key, value in node.items()}
+
+    return inline(schema)
 
 
 def _multipart_schema(with_config: bool) -> dict[str, Any]:
@@ -69,33 +95,32 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def _validation_message(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"]) or "body"
-        parts.append(f"{where}: {error['msg']}")
-    return "; ".join(parts)
-
-
-async def _multipart(
-    request: Request, platform: Platform
-) -> tuple[dict[str, str], SpooledPackage]:
+async def _multipart(request: Request, platform: Platform) -> tuple[dict[str, str], SpooledPackage]:
     """Parse a multipart upload: plain fields, and the zip streamed to disk as it arrives."""
     limit = platform.settings.max_zipped_bytes + JSON_OVERHEAD_BYTES
     bounded = limited_request(request, limit, service.too_large(platform))
-    async with bounded.form(max_files=1, max_fields=len(MULTIPART_FIELDS)) as form:
-        code = form.get("code")
-        if not isinstance(code, UploadFile):
-            raise InvalidParameterValue("the multipart body needs the zip as a file part 'code'")
+    try:
+        async with bounded.form(max_files=1, max_fields=len(MULTIPART_FIELDS)) as form:
+            code = form.get("code")
+            if not isinstance(code, UploadFile):
+                raise InvalidParameterValue(
+                    "the multipart body needs the zip as a file part 'code'"
+                )
 
-        async def chunks():  # type: ignore[no-untyped-def]
-            while chunk := await code.read(1024 * 1024):
-                yield chunk
+            async def chunks():  # type: ignore[no-untyped-def]
+                while chunk := await code.read(1024 * 1024):
+                    yield chunk
 
-        package = await spool_stream(
-            chunks(), service.upload_dir(platform), max_bytes=platform.settings.max_zipped_bytes
-        )
-        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+            package = await spool_stream(
+                chunks(),
+                service.upload_dir(platform),
+                max_bytes=platform.settings.max_zipped_bytes,
+            )
+            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    except HTTPException as exc:
+        # Starlette answers a malformed or over-long form with a bare 400; callers match on
+        # the platform's error types instead.
+        raise InvalidRequestContent(f"the multipart body is not valid: {exc.detail}") from None
     return fields, package
 
 
@@ -103,7 +128,7 @@ CREATE_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": _schema_ref(FunctionCreate)},
+            "application/json": {"schema": _inline_schema(FunctionCreate)},
             "multipart/form-data": {"schema": _multipart_schema(with_config=True)},
         },
     }
@@ -186,7 +211,7 @@ CODE_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": _schema_ref(CodeZip)},
+            "application/json": {"schema": _inline_schema(CodeZip)},
             "multipart/form-data": {"schema": _multipart_schema(with_config=False)},
             "application/zip": {"schema": {"type": "string", "format": "binary"}},
         },
@@ -215,10 +240,7 @@ async def update_function_code(
     else:
         limit = platform.settings.max_zipped_bytes * 4 // 3 + JSON_OVERHEAD_BYTES
         raw = await read_limited(request, limit, service.too_large(platform))
-        try:
-            code = TypeAdapter(CodeZip).validate_json(raw or b"{}")
-        except ValidationError as exc:
-            raise InvalidRequestContent(_validation_message(exc)) from None
+        code = TypeAdapter(CodeZip).validate_json(raw or b"{}")
         package = service.spool_base64(platform, code.zip_base64)
     fn = await service.update_code(platform, tenant_id, name, package)
     return function_out(platform, fn)

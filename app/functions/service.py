@@ -105,7 +105,10 @@ async def _check_handler(platform: Platform, sha256: str, runtime: str, handler:
     try:
         await platform.store.get_to_file(sha256, Path(tmp))
         await asyncio.to_thread(
-            inspect_zip, Path(tmp), runtime=runtime, handler=handler,
+            inspect_zip,
+            Path(tmp),
+            runtime=runtime,
+            handler=handler,
             limits=package_limits(platform),
         )
     finally:
@@ -113,7 +116,7 @@ async def _check_handler(platform: Platform, sha256: str, runtime: str, handler:
             os.unlink(tmp)
 
 
-async def _collect_blob(platform: Platform, sha256: str) -> None:
+async def collect_blob(platform: Platform, sha256: str) -> None:
     """Delete a package blob that no function refers to any more."""
     async with platform.db.sessionmaker() as session:
         refs = await session.scalar(
@@ -166,7 +169,7 @@ async def create_function(
                 await session.commit()
             except IntegrityError:
                 await session.rollback()
-                await _collect_blob(platform, package.sha256)
+                await collect_blob(platform, package.sha256)
                 raise FunctionNameTaken(
                     f"a function named {config.name!r} already exists", name=config.name
                 ) from None
@@ -267,8 +270,10 @@ async def update_code(
     finally:
         package.discard()
     if current.code_sha256 != fn.code_sha256:
-        await _collect_blob(platform, current.code_sha256)
-    log.info("function code changed", tenant_id=tenant_id, function=name, code_sha256=fn.code_sha256)
+        await collect_blob(platform, current.code_sha256)
+    log.info(
+        "function code changed", tenant_id=tenant_id, function=name, code_sha256=fn.code_sha256
+    )
     return fn
 
 
@@ -283,5 +288,5 @@ async def delete_function(platform: Platform, tenant_id: str, name: str) -> None
         await session.commit()
     platform.functions.forget(tenant_id, name)
     await platform.scheduler.retire(fn.id)
-    await _collect_blob(platform, fn.code_sha256)
+    await collect_blob(platform, fn.code_sha256)
     log.info("function deleted", tenant_id=tenant_id, function=name)

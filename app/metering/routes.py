@@ -27,8 +27,8 @@ async def get_usage(
     """Requests, billed milliseconds and GB-seconds per function and in total (UTC)."""
     now = datetime.now(UTC)
     end_at = _as_utc(end) if end else now
-    start_at = _as_utc(start) if start else now.replace(
-        day=1, hour=0, minute=0, second=0, microsecond=0
+    start_at = (
+        _as_utc(start) if start else now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     )
     if start_at > end_at:
         raise InvalidParameterValue("start must not be after end")

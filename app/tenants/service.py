@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.auth import OPERATOR_KEY_PREFIX, TENANT_KEY_PREFIX, hash_key, new_key
 from app.errors import ResourceConflict, ResourceNotFound
 from app.functions.models import Function
+from app.functions.service import collect_blob
 from app.logging import get_logger
 from app.platform import Platform
 from app.tenants.models import ApiKey, Tenant
@@ -53,10 +54,11 @@ async def delete_tenant(platform: Platform, session: AsyncSession, tenant_id: st
     if tenant is None:
         raise TenantNotFound(f"no tenant with id {tenant_id!r}", tenant_id=tenant_id)
 
-    functions = (
-        await session.execute(select(Function).where(Function.tenant_id == tenant_id))
-    ).scalars()
+    functions = list(
+        (await session.execute(select(Function).where(Function.tenant_id == tenant_id))).scalars()
+    )
     function_ids = [f.id for f in functions]
+    packages = {f.code_sha256 for f in functions}
     await session.execute(delete(ApiKey).where(ApiKey.tenant_id == tenant_id))
     await session.execute(delete(Function).where(Function.tenant_id == tenant_id))
     await session.delete(tenant)
@@ -66,6 +68,9 @@ async def delete_tenant(platform: Platform, session: AsyncSession, tenant_id: st
     platform.functions.forget_tenant(tenant_id)
     for function_id in function_ids:
         await platform.scheduler.retire(function_id)
+    # Packages are shared by content across tenants: only those nothing else uses are deleted.
+    for sha256 in packages:
+        await collect_blob(platform, sha256)
     log.info("tenant deleted", tenant_id=tenant_id, tenant=tenant.name)
 
 
