@@ -5,5 +5,6 @@ from app.functions.models import Function
 from app.invocations.models import Invocation
 from app.metering.models import UsageRecord
 from app.tenants.models import ApiKey, Tenant
+from app.workers.models import WorkerRecord
 
-__all__ = ["ApiKey", "Base", "Function", "Invocation", "Tenant", "UsageRecord"]
+__all__ = ["ApiKey", "Base", "Function", "Invocation", "Tenant", "UsageRecord", "WorkerRecord"]

@@ -24,6 +24,9 @@ class Function(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     code_sha256: Mapped[str] = mapped_column(String(64), index=True)
     code_size: Mapped[int] = mapped_column(BigInteger)
+    # None: no reservation (the function shares its tenant's limit). 0 throttles it.
+    reserved_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    provisioned_concurrency: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Bumped on every change of code or configuration: instances of an older revision are never
     # handed new invocations. It is also SQLAlchemy's version counter, so two concurrent updates
     # of one function cannot both win: the second fails its WHERE revision = ... and retries.

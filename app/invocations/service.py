@@ -13,7 +13,7 @@ from sqlalchemy import insert
 
 from app.invocations.models import Invocation
 from app.logging import get_logger
-from app.metering.models import UsageRecord
+from app.metering import recorder
 from app.metering.service import billed_ms
 from app.platform import Platform
 from workers.protocol import InstanceSpec, InvocationStatus, InvokeRequest
@@ -65,6 +65,7 @@ def report_lines(
 
 
 async def invoke(platform: Platform, spec: InstanceSpec, payload: bytes) -> InvocationOutcome:
+    await recorder.admit(platform, spec.tenant_id)
     request_id = str(uuid.uuid4())
     started_at = datetime.now(UTC)
     request = InvokeRequest(
@@ -140,12 +141,13 @@ async def invoke(platform: Platform, spec: InstanceSpec, payload: bytes) -> Invo
         "memory_mb": spec.memory_mb,
         "billed_ms": billed,
         "mb_ms": billed * spec.memory_mb,
+        "init_billed_ms": billed_ms(init_duration_ns or 0),
     }
     # One transaction: the final status and the usage record exist together or not at all.
     # Core inserts, not the ORM: this runs on every invocation.
     async with platform.db.engine.begin() as connection:
         await connection.execute(insert(Invocation), [invocation_row])
-        await connection.execute(insert(UsageRecord), [usage_row])
+        await recorder.record_usage(platform, connection, usage_row)
 
     if status is not InvocationStatus.SUCCESS:
         log.info(

@@ -22,5 +22,8 @@ class UsageRecord(Base):
     requests: Mapped[int] = mapped_column(Integer, default=1)
     memory_mb: Mapped[int] = mapped_column(Integer)
     billed_ms: Mapped[int] = mapped_column(BigInteger)
+    # The init phase of a cold start, in whole milliseconds rounded up; whether it is charged
+    # is the price plan's decision, so it is kept apart from billed_ms.
+    init_billed_ms: Mapped[int] = mapped_column(BigInteger, default=0)
     # billed_ms × memory_mb: integer, so sums stay exact; GB-seconds = mb_ms / 1,024,000.
     mb_ms: Mapped[int] = mapped_column(BigInteger)
