@@ -18,11 +18,14 @@ from app.db import Database
 from app.errors import LambentError
 from app.functions.cache import FunctionCache
 from app.functions.routes import router as functions_router
+from app.functions.service import restore_provisioned
 from app.invocations.routes import router as invocations_router
 from app.logging import get_logger
 from app.metering.routes import router as usage_router
 from app.packages.store import LocalObjectStore
 from app.platform import Platform
+from app.scheduler.metrics import Metrics
+from app.scheduler.routes import router as operations_router
 from app.scheduler.service import Scheduler
 from app.settings import Settings, get_settings
 from app.tenants.routes import router as tenants_router
@@ -112,9 +115,17 @@ async def build_platform(settings: Settings) -> Platform:
         code_source=store.get_to_file,
     )
     await worker.start()
-    scheduler = Scheduler([InProcessWorkerClient(worker)], keepalive_s=settings.keepalive_s)
-    scheduler.start()
-    return Platform(
+    scheduler = Scheduler(
+        [InProcessWorkerClient(worker)],
+        keepalive_s=settings.keepalive_s,
+        capacity_wait_s=settings.capacity_wait_s,
+    )
+    metrics = Metrics()
+    metrics.watch(scheduler)
+    scheduler.on_throttle = lambda spec, reason: metrics.throttles.labels(
+        spec.tenant_id, spec.function_name, reason
+    ).inc()
+    platform = Platform(
         settings=settings,
         db=db,
         store=store,
@@ -122,7 +133,11 @@ async def build_platform(settings: Settings) -> Platform:
         worker=worker,
         keys=KeyCache(),
         functions=FunctionCache(),
+        metrics=metrics,
     )
+    await restore_provisioned(platform)
+    scheduler.start()
+    return platform
 
 
 async def close_platform(platform: Platform) -> None:
@@ -182,4 +197,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(functions_router)
     app.include_router(invocations_router)
     app.include_router(usage_router)
+    app.include_router(operations_router)
     return app

@@ -14,6 +14,7 @@ from app.settings import Settings
 if TYPE_CHECKING:
     from app.auth import KeyCache
     from app.functions.cache import FunctionCache
+    from app.scheduler.metrics import Metrics
     from app.scheduler.service import Scheduler
     from workers.agent import Worker
 
@@ -27,6 +28,7 @@ class Platform:
     worker: Worker
     keys: KeyCache
     functions: FunctionCache
+    metrics: Metrics
 
 
 def get_platform(request: Request) -> Platform:

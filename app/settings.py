@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         description="Instance memory the embedded worker may place.",
     )
     keepalive_s: float = Field(300.0, description="Idle instances are stopped after this.")
+    tenant_concurrency_limit: int = Field(
+        100, description="Concurrent invocations per tenant unless the operator sets another."
+    )
+    capacity_wait_s: float = Field(
+        10.0, description="How long an invocation waits for a worker with room before 503."
+    )
     init_timeout_s: float = Field(10.0, description="Longest a runtime may take to initialise.")
     tmp_mb: int = Field(512, description="Size cap of each instance's /tmp (counts as memory).")
     pids_max: int = Field(1024, description="Processes and threads per instance.")

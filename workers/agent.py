@@ -175,7 +175,9 @@ class Worker:
             return [python, f"{RUNTIME_DIR}/relay.py", "--", f"{TASK_ROOT}/bootstrap"]
         raise ValueError(f"unsupported runtime {runtime!r}")
 
-    def _environment(self, spec: InstanceSpec, instance_id: str) -> dict[str, str]:
+    def _environment(
+        self, spec: InstanceSpec, instance_id: str, provisioned: bool
+    ) -> dict[str, str]:
         env = {k: v for k, v in spec.environment.items()}
         env.update(
             {
@@ -191,7 +193,9 @@ class Worker:
                 "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(spec.memory_mb),
                 "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{spec.function_name}",
                 "AWS_LAMBDA_LOG_STREAM_NAME": f"$LATEST/{instance_id}",
-                "AWS_LAMBDA_INITIALIZATION_TYPE": "on-demand",
+                "AWS_LAMBDA_INITIALIZATION_TYPE": (
+                    "provisioned-concurrency" if provisioned else "on-demand"
+                ),
                 "AWS_EXECUTION_ENV": f"AWS_Lambda_{spec.runtime}",
                 "AWS_REGION": self.config.region,
                 "AWS_DEFAULT_REGION": self.config.region,
@@ -200,7 +204,7 @@ class Worker:
         )
         return env
 
-    async def start_instance(self, spec: InstanceSpec) -> StartResult:
+    async def start_instance(self, spec: InstanceSpec, *, provisioned: bool = False) -> StartResult:
         if spec.memory_mb > self.free_mb:
             raise WorkerFull(
                 f"worker {self.worker_id} has {self.free_mb} MB free, {spec.memory_mb} MB needed"
@@ -216,7 +220,7 @@ class Worker:
             sandbox_spec = SandboxSpec(
                 instance_id=instance_id,
                 command=self._command(spec.runtime),
-                env=self._environment(spec, instance_id),
+                env=self._environment(spec, instance_id, provisioned),
                 code_dir=code_dir,
                 runtime_dir=self.runtime_dir,
                 api_dir=api_dir,

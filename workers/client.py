@@ -21,7 +21,13 @@ class WorkerClient(Protocol):
     @property
     def free_mb(self) -> int: ...
 
-    async def start_instance(self, spec: InstanceSpec) -> StartResult: ...
+    @property
+    def healthy(self) -> bool:
+        """False once the worker missed its heartbeats; nothing new is placed on it."""
+
+    async def start_instance(
+        self, spec: InstanceSpec, *, provisioned: bool = False
+    ) -> StartResult: ...
 
     async def invoke(self, instance_id: str, request: InvokeRequest) -> InvokeResult: ...
 
@@ -45,8 +51,14 @@ class InProcessWorkerClient:
     def free_mb(self) -> int:
         return self.worker.free_mb
 
-    async def start_instance(self, spec: InstanceSpec) -> StartResult:
-        return await self.worker.start_instance(spec)
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    async def start_instance(
+        self, spec: InstanceSpec, *, provisioned: bool = False
+    ) -> StartResult:
+        return await self.worker.start_instance(spec, provisioned=provisioned)
 
     async def invoke(self, instance_id: str, request: InvokeRequest) -> InvokeResult:
         return await self.worker.invoke(instance_id, request)

@@ -10,6 +10,10 @@ class InstanceGone(RuntimeError):
     """The instance asked for has stopped (or never existed on this worker)."""
 
 
+class WorkerUnavailable(RuntimeError):
+    """The worker cannot be reached, or stopped answering mid-call."""
+
+
 class InstanceStatus(StrEnum):
     STARTING = "initializing"
     IDLE = "idle"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -19,11 +20,17 @@ from app.functions.schemas import (
     FunctionList,
     FunctionOut,
     FunctionUpdate,
+    InstanceList,
+    InstanceOut,
+    ProvisionedConcurrencyConfig,
+    ProvisionedConcurrencyOut,
+    ReservedConcurrency,
 )
 from app.http import limited_request, read_limited
 from app.packages.spool import SpooledPackage, spool_stream
 from app.platform import Platform, get_platform
 from app.tenants.schemas import ResourceName
+from workers.protocol import WorkerUnavailable
 
 router = APIRouter(prefix="/v1/functions", tags=["functions"])
 
@@ -52,6 +59,8 @@ def function_out(platform: Platform, fn: Function) -> FunctionOut:
         description=fn.description,
         code_sha256=fn.code_sha256,
         code_size=fn.code_size,
+        reserved_concurrency=fn.reserved_concurrency,
+        provisioned_concurrency=fn.provisioned_concurrency,
         revision=fn.revision,
         created_at=fn.created_at,
         updated_at=fn.updated_at,
@@ -255,3 +264,116 @@ async def delete_function(
     """Delete a function and stop its instances; its invocation records stay."""
     await service.delete_function(platform, tenant_id, name)
     return Response(status_code=204)
+
+
+@router.get("/{name}/concurrency", response_model=ReservedConcurrency | None)
+async def get_reserved_concurrency(
+    name: ResourceName,
+    tenant_id: str = Depends(require_tenant),
+    platform: Platform = Depends(get_platform),
+) -> ReservedConcurrency | None:
+    """The function's reserved concurrency, or null when it has none."""
+    fn = await service.get_function(platform, tenant_id, name)
+    if fn.reserved_concurrency is None:
+        return None
+    return ReservedConcurrency(reserved_concurrency=fn.reserved_concurrency)
+
+
+@router.put("/{name}/concurrency", response_model=ReservedConcurrency)
+async def put_reserved_concurrency(
+    name: ResourceName,
+    body: ReservedConcurrency,
+    tenant_id: str = Depends(require_tenant),
+    platform: Platform = Depends(get_platform),
+) -> ReservedConcurrency:
+    """Reserve concurrency for the function; it also caps it (0 throttles every invocation)."""
+    await service.set_reserved_concurrency(platform, tenant_id, name, body.reserved_concurrency)
+    return body
+
+
+@router.delete("/{name}/concurrency", status_code=204, response_class=Response)
+async def delete_reserved_concurrency(
+    name: ResourceName,
+    tenant_id: str = Depends(require_tenant),
+    platform: Platform = Depends(get_platform),
+) -> Response:
+    """Remove the reservation: the function shares the tenant's unreserved concurrency."""
+    await service.set_reserved_concurrency(platform, tenant_id, name, None)
+    return Response(status_code=204)
+
+
+def _provisioned_out(platform: Platform, fn: Function) -> ProvisionedConcurrencyOut:
+    count = fn.provisioned_concurrency
+    ready = min(platform.scheduler.provisioned_ready(fn.id), count)
+    status = "OFF" if count == 0 else ("READY" if ready >= count else "IN_PROGRESS")
+    return ProvisionedConcurrencyOut(provisioned_concurrency=count, ready=ready, status=status)
+
+
+@router.get("/{name}/provisioned-concurrency", response_model=ProvisionedConcurrencyOut)
+async def get_provisioned_concurrency(
+    name: ResourceName,
+    tenant_id: str = Depends(require_tenant),
+    platform: Platform = Depends(get_platform),
+) -> ProvisionedConcurrencyOut:
+    """How many instances are kept initialised, and how many are ready now."""
+    return _provisioned_out(platform, await service.get_function(platform, tenant_id, name))
+
+
+@router.put("/{name}/provisioned-concurrency", response_model=ProvisionedConcurrencyOut)
+async def put_provisioned_concurrency(
+    name: ResourceName,
+    body: ProvisionedConcurrencyConfig,
+    tenant_id: str = Depends(require_tenant),
+    platform: Platform = Depends(get_platform),
+) -> ProvisionedConcurrencyOut:
+    """Keep N instances initialised and ready; they start in the background."""
+    fn = await service.set_provisioned_concurrency(
+        platform, tenant_id, name, body.provisioned_concurrency
+    )
+    return _provisioned_out(platform, fn)
+
+
+@router.delete("/{name}/provisioned-concurrency", status_code=204, response_class=Response)
+async def delete_provisioned_concurrency(
+    name: ResourceName,
+    tenant_id: str = Depends(require_tenant),
+    platform: Platform = Depends(get_platform),
+) -> Response:
+    """Stop keeping instances initialised; warm ones age out with the keep-alive."""
+    await service.set_provisioned_concurrency(platform, tenant_id, name, 0)
+    return Response(status_code=204)
+
+
+@router.get("/{name}/instances", response_model=InstanceList)
+async def list_instances(
+    name: ResourceName,
+    tenant_id: str = Depends(require_tenant),
+    platform: Platform = Depends(get_platform),
+) -> InstanceList:
+    """The function's live execution environments, on every worker."""
+    fn = await service.get_function(platform, tenant_id, name)
+    provisioned = {
+        lease.instance_id for lease in platform.scheduler.instances_of(fn.id) if lease.provisioned
+    }
+    instances: list[InstanceOut] = []
+    for worker in list(platform.scheduler.workers):
+        try:
+            infos = await worker.instances()
+        except WorkerUnavailable:
+            continue
+        for info in infos:
+            if info.function_id != fn.id or info.status in ("stopping", "stopped"):
+                continue
+            instances.append(
+                InstanceOut(
+                    id=info.instance_id,
+                    worker=worker.worker_id,
+                    state=str(info.status),
+                    provisioned=info.instance_id in provisioned,
+                    started_at=datetime.fromtimestamp(info.started_at, UTC),
+                    last_used_at=datetime.fromtimestamp(info.last_used_at, UTC),
+                    invocations=info.invocations,
+                )
+            )
+    instances.sort(key=lambda i: i.started_at)
+    return InstanceList(instances=instances)

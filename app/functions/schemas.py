@@ -99,6 +99,10 @@ class FunctionOut(BaseModel):
     description: str
     code_sha256: str
     code_size: int
+    reserved_concurrency: int | None = Field(
+        description="None when the function has no reservation"
+    )
+    provisioned_concurrency: int
     revision: int
     created_at: datetime
     updated_at: datetime
@@ -107,3 +111,40 @@ class FunctionOut(BaseModel):
 class FunctionList(BaseModel):
     functions: list[FunctionOut]
     next_token: str | None = Field(None, description="Pass as next_token for the next page")
+
+
+class ReservedConcurrency(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reserved_concurrency: int = Field(
+        ge=0,
+        description="Concurrent invocations reserved for (and allowed to) the function; "
+        "0 throttles it",
+    )
+
+
+class ProvisionedConcurrencyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    provisioned_concurrency: int = Field(
+        ge=0, le=1000, description="Instances kept initialised and ready; 0 turns it off"
+    )
+
+
+class ProvisionedConcurrencyOut(ProvisionedConcurrencyConfig):
+    ready: int = Field(description="Provisioned instances initialised now")
+    status: Literal["READY", "IN_PROGRESS", "OFF"]
+
+
+class InstanceOut(BaseModel):
+    id: str
+    worker: str
+    state: str = Field(description="initializing, idle or busy")
+    provisioned: bool
+    started_at: datetime
+    last_used_at: datetime
+    invocations: int
+
+
+class InstanceList(BaseModel):
+    instances: list[InstanceOut]

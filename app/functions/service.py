@@ -11,12 +11,13 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
 
 from app.db import utcnow
 from app.errors import InvalidParameterValue, ResourceConflict, ResourceNotFound
+from app.functions.cache import CachedFunction, TenantLimits
 from app.functions.models import Function
 from app.functions.schemas import FunctionConfig, FunctionUpdate
 from app.logging import get_logger
@@ -24,6 +25,8 @@ from app.packages.errors import PackageTooLarge
 from app.packages.spool import SpooledPackage, spool_bytes
 from app.packages.validation import PackageLimits, inspect_zip
 from app.platform import Platform
+from app.scheduler.service import ConcurrencyLimits
+from app.tenants.models import Tenant
 from app.tenants.scope import TenantScope
 from workers.protocol import InstanceSpec
 
@@ -190,13 +193,121 @@ async def get_function(platform: Platform, tenant_id: str, name: str) -> Functio
     return fn
 
 
-async def get_spec(platform: Platform, tenant_id: str, name: str) -> InstanceSpec:
+def to_cached(platform: Platform, fn: Function) -> CachedFunction:
+    return CachedFunction(
+        spec=to_spec(platform, fn),
+        reserved_concurrency=fn.reserved_concurrency,
+        provisioned_concurrency=fn.provisioned_concurrency,
+    )
+
+
+async def get_cached(platform: Platform, tenant_id: str, name: str) -> CachedFunction:
     """The function as the invoke path needs it, from the cache when fresh."""
-    spec = platform.functions.get(tenant_id, name)
-    if spec is None:
-        spec = to_spec(platform, await get_function(platform, tenant_id, name))
-        platform.functions.put(spec)
-    return spec
+    cached = platform.functions.get(tenant_id, name)
+    if cached is None:
+        cached = to_cached(platform, await get_function(platform, tenant_id, name))
+        platform.functions.put(cached)
+    return cached
+
+
+async def concurrency_limits(
+    platform: Platform, tenant_id: str, cached: CachedFunction
+) -> ConcurrencyLimits:
+    limits = platform.functions.tenant_limits(tenant_id)
+    if limits is None:
+        async with platform.db.sessionmaker() as session:
+            tenant_limit = await session.scalar(
+                select(Tenant.concurrency_limit).where(Tenant.id == tenant_id)
+            )
+            reserved_total = await session.scalar(
+                TenantScope(tenant_id).select(
+                    Function, func.coalesce(func.sum(Function.reserved_concurrency), 0)
+                )
+            )
+        limits = TenantLimits(
+            concurrency_limit=(
+                tenant_limit
+                if tenant_limit is not None
+                else platform.settings.tenant_concurrency_limit
+            ),
+            reserved_total=int(reserved_total or 0),
+        )
+        platform.functions.put_tenant_limits(tenant_id, limits)
+    return ConcurrencyLimits(
+        tenant_limit=limits.concurrency_limit,
+        reserved=cached.reserved_concurrency,
+        tenant_reserved_total=limits.reserved_total,
+    )
+
+
+async def _set_concurrency_columns(
+    platform: Platform, tenant_id: str, name: str, values: dict[str, int | None]
+) -> Function:
+    # A plain UPDATE, not the ORM: concurrency settings do not change what an instance runs,
+    # so they must not bump the revision (which would retire every warm instance).
+    async with platform.db.sessionmaker() as session:
+        fn = await session.scalar(
+            TenantScope(tenant_id).select(Function).where(Function.name == name)
+        )
+        if fn is None:
+            raise FunctionNotFound(f"function {name!r} does not exist", name=name)
+        await session.execute(update(Function).where(Function.id == fn.id).values(**values))
+        await session.commit()
+        await session.refresh(fn)
+    platform.functions.forget(tenant_id, name)
+    return fn
+
+
+async def set_reserved_concurrency(
+    platform: Platform, tenant_id: str, name: str, reserved: int | None
+) -> Function:
+    """Reserve concurrency for a function (None removes the reservation; 0 throttles it)."""
+    if reserved is not None:
+        current = await get_function(platform, tenant_id, name)
+        limits = await concurrency_limits(platform, tenant_id, to_cached(platform, current))
+        others = limits.tenant_reserved_total - (current.reserved_concurrency or 0)
+        if others + reserved > limits.tenant_limit:
+            raise InvalidParameterValue(
+                f"reserving {reserved} would leave the tenant's other functions "
+                f"{limits.tenant_limit - others - reserved} of its limit of "
+                f"{limits.tenant_limit}; at most {limits.tenant_limit - others} can be reserved",
+                name=name,
+            )
+    fn = await _set_concurrency_columns(
+        platform, tenant_id, name, {"reserved_concurrency": reserved}
+    )
+    log.info("reserved concurrency changed", tenant_id=tenant_id, function=name, value=reserved)
+    return fn
+
+
+async def set_provisioned_concurrency(
+    platform: Platform, tenant_id: str, name: str, count: int
+) -> Function:
+    """Keep ``count`` instances of the function initialised (0 turns it off)."""
+    current = await get_function(platform, tenant_id, name)
+    if current.reserved_concurrency is not None and count > current.reserved_concurrency:
+        raise InvalidParameterValue(
+            f"provisioned concurrency {count} is over the function's reserved concurrency "
+            f"{current.reserved_concurrency}",
+            name=name,
+        )
+    fn = await _set_concurrency_columns(
+        platform, tenant_id, name, {"provisioned_concurrency": count}
+    )
+    platform.scheduler.set_provisioned(to_spec(platform, fn), count)
+    await platform.scheduler.ensure_provisioned()
+    log.info("provisioned concurrency changed", tenant_id=tenant_id, function=name, value=count)
+    return fn
+
+
+async def restore_provisioned(platform: Platform) -> None:
+    """Hand the scheduler every function's provisioned concurrency, after a restart."""
+    async with platform.db.sessionmaker() as session:
+        rows = (
+            await session.execute(select(Function).where(Function.provisioned_concurrency > 0))
+        ).scalars()
+        for fn in rows:
+            platform.scheduler.set_provisioned(to_spec(platform, fn), fn.provisioned_concurrency)
 
 
 async def list_functions(
@@ -237,6 +348,8 @@ async def _apply_update(
                 continue
         platform.functions.forget(tenant_id, name)
         await platform.scheduler.retire(fn.id, fn.revision)
+        if fn.provisioned_concurrency:
+            platform.scheduler.set_provisioned(to_spec(platform, fn), fn.provisioned_concurrency)
         return fn
     raise AssertionError("unreachable")
 

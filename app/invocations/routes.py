@@ -5,7 +5,7 @@ import json
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app.auth import require_tenant
-from app.errors import InvalidRequestContent, PayloadTooLarge, ResourceNotFound
+from app.errors import InvalidRequestContent, LambentError, PayloadTooLarge, ResourceNotFound
 from app.functions import service as functions
 from app.http import read_limited
 from app.invocations import service
@@ -20,6 +20,11 @@ router = APIRouter(tags=["invocations"])
 
 class ResponseTooLarge(PayloadTooLarge):
     type = "ResponseTooLargeException"
+
+
+class WorkerLost(LambentError):
+    status_code = 502
+    type = "WorkerLostException"
 
 
 def _summary_fields(row: Invocation) -> dict[str, object]:
@@ -76,14 +81,25 @@ async def invoke_function(
         limit,
         PayloadTooLarge(f"the event is larger than {limit} bytes, the limit for an invocation"),
     )
-    spec = await functions.get_spec(platform, tenant_id, name)
+    cached = await functions.get_cached(platform, tenant_id, name)
     try:
         event = service.parse_event(payload)
     except ValueError:
         raise InvalidRequestContent("the request body is not valid JSON") from None
 
-    outcome = await service.invoke(platform, spec, event)
+    outcome = await service.invoke(platform, cached, event)
     headers = {"X-Request-Id": outcome.request_id}
+    if outcome.worker_lost:
+        error = WorkerLost(
+            "the worker running this invocation stopped answering; the function may or may not "
+            "have run"
+        )
+        return Response(
+            content=json.dumps(error.body()),
+            status_code=error.status_code,
+            headers=headers,
+            media_type="application/json",
+        )
     if outcome.response_too_large:
         error = ResponseTooLarge(
             f"the function's response is larger than {limit} bytes, the limit for an invocation"

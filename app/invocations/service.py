@@ -11,14 +11,19 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import insert
 
+from app.functions import service as functions
+from app.functions.cache import CachedFunction
 from app.invocations.models import Invocation
 from app.logging import get_logger
 from app.metering import recorder
 from app.metering.service import billed_ms
 from app.platform import Platform
-from workers.protocol import InstanceSpec, InvocationStatus, InvokeRequest
+from app.scheduler.service import Scheduled
+from workers.protocol import InstanceSpec, InvocationStatus, InvokeRequest, WorkerUnavailable
 
 log = get_logger(__name__)
+
+WORKER_LOST = "Lambent.WorkerLost"
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class InvocationOutcome:
     body: bytes
     error_type: str | None
     response_too_large: bool
+    worker_lost: bool = False
 
 
 def new_trace_id() -> str:
@@ -64,8 +70,10 @@ def report_lines(
     return f"END RequestId: {request_id}\n{report}\n"
 
 
-async def invoke(platform: Platform, spec: InstanceSpec, payload: bytes) -> InvocationOutcome:
+async def invoke(platform: Platform, cached: CachedFunction, payload: bytes) -> InvocationOutcome:
+    spec = cached.spec
     await recorder.admit(platform, spec.tenant_id)
+    limits = await functions.concurrency_limits(platform, spec.tenant_id, cached)
     request_id = str(uuid.uuid4())
     started_at = datetime.now(UTC)
     request = InvokeRequest(
@@ -75,12 +83,31 @@ async def invoke(platform: Platform, spec: InstanceSpec, payload: bytes) -> Invo
         function_arn=spec.function_arn,
         trace_id=new_trace_id(),
     )
-    scheduled = await platform.scheduler.invoke(spec, request)
+    worker_lost: WorkerUnavailable | None = None
+    try:
+        scheduled = await platform.scheduler.invoke(spec, request, limits)
+    except WorkerUnavailable as exc:
+        # The worker died or stopped answering mid-invocation. Whether the function ran is
+        # unknown, so it is recorded (and billed no duration) rather than retried.
+        log.warning(
+            "worker lost during invocation", request_id=request_id, function=spec.function_name
+        )
+        worker_lost = exc
+        scheduled = Scheduled("", "", False, None, None)
 
     start = scheduled.start
     init_duration_ns = start.init_duration_ns if start is not None else None
     logs = start.init_logs if start is not None else ""
-    if scheduled.result is None:
+    if worker_lost is not None:
+        status, error_type = InvocationStatus.ERROR, WORKER_LOST
+        body = json.dumps(
+            {
+                "errorMessage": f"the worker stopped answering: {worker_lost}",
+                "errorType": WORKER_LOST,
+            }
+        ).encode()
+        duration_ns, max_memory_mb, function_logs, too_large = 0, 0, "", False
+    elif scheduled.result is None:
         # The runtime failed to initialise: the invocation never ran.
         assert start is not None and start.init_error_type is not None
         status = InvocationStatus.ERROR
@@ -149,6 +176,7 @@ async def invoke(platform: Platform, spec: InstanceSpec, payload: bytes) -> Invo
         await connection.execute(insert(Invocation), [invocation_row])
         await recorder.record_usage(platform, connection, usage_row)
 
+    _observe(platform, spec, scheduled, status, error_type, duration_ns)
     if status is not InvocationStatus.SUCCESS:
         log.info(
             "invocation failed",
@@ -157,7 +185,30 @@ async def invoke(platform: Platform, spec: InstanceSpec, payload: bytes) -> Invo
             request_id=request_id,
             error_type=error_type,
         )
-    return InvocationOutcome(request_id, status, body, error_type, too_large)
+    return InvocationOutcome(
+        request_id, status, body, error_type, too_large, worker_lost=worker_lost is not None
+    )
+
+
+def _observe(
+    platform: Platform,
+    spec: InstanceSpec,
+    scheduled: Scheduled,
+    status: InvocationStatus,
+    error_type: str | None,
+    duration_ns: int,
+) -> None:
+    metrics = platform.metrics
+    labels = (spec.tenant_id, spec.function_name)
+    metrics.invocations.labels(*labels, status.value).inc()
+    if error_type is not None:
+        metrics.errors.labels(*labels, error_type).inc()
+    if scheduled.result is not None:
+        metrics.duration.labels(*labels).observe(duration_ns / 1e9)
+    if scheduled.cold_start and scheduled.start is not None:
+        metrics.cold_starts.labels(*labels).inc()
+        metrics.init_duration.labels(*labels).observe(scheduled.start.init_duration_ns / 1e9)
+        metrics.queue_wait.labels(*labels).observe(scheduled.queue_wait_s)
 
 
 def parse_event(payload: bytes) -> bytes:

@@ -1,10 +1,14 @@
-"""Placement and warm pools: which execution environment serves an invocation.
+"""Placement, warm pools and concurrency: which execution environment serves an invocation.
 
-Idle instances are kept per function revision and reused most-recently-used first, so a
-steady load keeps as few instances warm as it needs and the rest age out after the keep-alive.
-A new instance goes to the worker with the most free memory; when no worker has room, idle
-instances of other functions are stopped, least recently used first, and failing that the
-request waits, bounded, for memory to free up.
+Idle instances are kept per function revision and reused most recently used first, so a steady
+load keeps as few instances warm as it needs and the rest age out after the keep-alive. A new
+instance goes to the worker with the most free memory; when no worker has room, idle instances
+are stopped, least recently used first, and failing that the request waits, bounded, for memory
+to free up.
+
+Concurrency follows Lambda: a function with reserved concurrency R runs at most R invocations at
+once (R = 0 throttles it), and the tenant's other functions share what is left of the tenant's
+limit. The counters live in this process: with several API replicas each enforces its share.
 """
 
 from __future__ import annotations
@@ -12,25 +16,62 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from app.errors import ServiceUnavailable
+from app.errors import ServiceUnavailable, TooManyRequests
 from app.logging import get_logger
 from workers.client import WorkerClient
-from workers.protocol import InstanceGone, InstanceSpec, InvokeRequest, InvokeResult, StartResult
+from workers.protocol import (
+    InstanceGone,
+    InstanceSpec,
+    InstanceStatus,
+    InvokeRequest,
+    InvokeResult,
+    StartResult,
+    WorkerUnavailable,
+)
 
 log = get_logger(__name__)
 
 PoolKey = tuple[str, int]  # (function id, revision)
+RETRY_AFTER_S = 1
 
 
-@dataclass
+class Throttled(TooManyRequests):
+    """An invocation over a concurrency limit."""
+
+
+class NoCapacity(ServiceUnavailable):
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(RETRY_AFTER_S)}
+
+
+@dataclass(frozen=True)
+class ConcurrencyLimits:
+    tenant_limit: int
+    reserved: int | None = None  # this function's reservation, if any
+    tenant_reserved_total: int = 0  # all reservations of the tenant's functions
+
+
+@dataclass(eq=False)
 class Lease:
+    """The scheduler's view of one live instance."""
+
     instance_id: str
     worker: WorkerClient
-    key: PoolKey
-    memory_mb: int
+    spec: InstanceSpec
+    state: InstanceStatus = InstanceStatus.STARTING
+    provisioned: bool = False
+    started_at: float = field(default_factory=time.time)
+    last_used_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
+    invocations: int = 0
+
+    @property
+    def key(self) -> PoolKey:
+        return (self.spec.function_id, self.spec.revision)
 
 
 @dataclass(frozen=True)
@@ -38,9 +79,11 @@ class Scheduled:
     """What the scheduler did for one invocation."""
 
     instance_id: str
+    worker_id: str
     cold_start: bool
     start: StartResult | None
     result: InvokeResult | None  # None when the instance failed to initialise
+    queue_wait_s: float = 0.0
 
 
 class Scheduler:
@@ -50,55 +93,155 @@ class Scheduler:
         *,
         keepalive_s: float,
         capacity_wait_s: float = 10.0,
+        provisioned_check_s: float = 1.0,
     ) -> None:
-        self.workers = workers
+        self.workers = list(workers)
         self.keepalive_s = keepalive_s
         self.capacity_wait_s = capacity_wait_s
+        self.provisioned_check_s = provisioned_check_s
+        self.live: dict[str, Lease] = {}
         self._idle: dict[PoolKey, list[Lease]] = {}
         self._current_revision: dict[str, int] = {}
+        self._inflight_function: Counter[str] = Counter()
+        self._inflight_unreserved: Counter[str] = Counter()
+        self._provisioned: dict[str, tuple[InstanceSpec, int]] = {}
+        self._provisioning: dict[str, asyncio.Task[None]] = {}
         self._freed = asyncio.Condition()
-        self._reaper: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.on_throttle: Callable[[InstanceSpec, str], None] | None = None
 
     def start(self) -> None:
-        self._reaper = asyncio.create_task(self._reap_forever())
+        self._tasks = [
+            asyncio.create_task(self._every(self._reap_interval(), self.reap_idle)),
+            asyncio.create_task(self._every(self.provisioned_check_s, self.ensure_provisioned)),
+        ]
+
+    def _reap_interval(self) -> float:
+        return min(max(self.keepalive_s / 10, 0.5), 30)
 
     async def close(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-        for leases in list(self._idle.values()):
-            for lease in leases:
-                await self._stop(lease)
-        self._idle.clear()
+        for task in [*self._tasks, *self._provisioning.values()]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for lease in list(self.live.values()):
+            await self._stop(lease)
 
-    async def invoke(self, spec: InstanceSpec, request: InvokeRequest) -> Scheduled:
+    # Workers come and go.
+
+    def add_worker(self, worker: WorkerClient) -> None:
+        """Place new instances on this worker too (replacing one with the same id)."""
+        self.remove_worker(worker.worker_id)
+        self.workers.append(worker)
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Forget a worker and every instance on it; calls in flight to it fail on their own."""
+        self.workers = [w for w in self.workers if w.worker_id != worker_id]
+        for lease in [x for x in self.live.values() if x.worker.worker_id == worker_id]:
+            self._forget(lease)
+
+    # Concurrency.
+
+    def _admit(self, spec: InstanceSpec, limits: ConcurrencyLimits) -> Callable[[], None]:
+        """Take a concurrency slot for one invocation, or raise Throttled."""
+        if limits.reserved is not None:
+            if self._inflight_function[spec.function_id] >= limits.reserved:
+                self._throttled(spec, "reserved")
+                raise Throttled(
+                    f"function {spec.function_name!r} is at its reserved concurrency "
+                    f"({limits.reserved})",
+                    retry_after_s=RETRY_AFTER_S,
+                )
+            self._inflight_function[spec.function_id] += 1
+
+            def release_reserved() -> None:
+                self._inflight_function[spec.function_id] -= 1
+
+            return release_reserved
+
+        unreserved = max(0, limits.tenant_limit - limits.tenant_reserved_total)
+        if self._inflight_unreserved[spec.tenant_id] >= unreserved:
+            self._throttled(spec, "tenant")
+            raise Throttled(
+                f"the tenant's functions without reserved concurrency are at their limit "
+                f"({unreserved} of the tenant's {limits.tenant_limit})",
+                retry_after_s=RETRY_AFTER_S,
+            )
+        self._inflight_unreserved[spec.tenant_id] += 1
+        self._inflight_function[spec.function_id] += 1
+
+        def release() -> None:
+            self._inflight_unreserved[spec.tenant_id] -= 1
+            self._inflight_function[spec.function_id] -= 1
+
+        return release
+
+    def _throttled(self, spec: InstanceSpec, reason: str) -> None:
+        if self.on_throttle is not None:
+            self.on_throttle(spec, reason)
+
+    def inflight(self, function_id: str) -> int:
+        return self._inflight_function[function_id]
+
+    # The invoke path.
+
+    async def invoke(
+        self, spec: InstanceSpec, request: InvokeRequest, limits: ConcurrencyLimits
+    ) -> Scheduled:
+        release = self._admit(spec, limits)
+        try:
+            return await self._invoke(spec, request)
+        finally:
+            release()
+
+    async def _invoke(self, spec: InstanceSpec, request: InvokeRequest) -> Scheduled:
+        self._note_revision(spec)
         key = (spec.function_id, spec.revision)
-        self._current_revision[spec.function_id] = spec.revision
 
         # An idle instance may have died since it was pooled; then try the next one, and
         # finally start a new one.
         while (lease := self._take_idle(key)) is not None:
             try:
-                result = await lease.worker.invoke(lease.instance_id, request)
+                result = await self._run(lease, request)
             except InstanceGone:
+                self._forget(lease)
                 continue
-            await self._release(lease, result)
-            return Scheduled(lease.instance_id, False, None, result)
+            return Scheduled(lease.instance_id, lease.worker.worker_id, False, None, result)
 
+        waited_from = time.monotonic()
         lease, start = await self._start(spec)
+        queue_wait_s = max(0.0, time.monotonic() - waited_from - start.init_duration_ns / 1e9)
         if lease is None:
-            return Scheduled(start.instance_id, True, start, None)
+            return Scheduled(start.instance_id, "", True, start, None, queue_wait_s)
+        lease.state = InstanceStatus.BUSY
         try:
-            result = await lease.worker.invoke(lease.instance_id, request)
+            result = await self._run(lease, request)
         except InstanceGone as gone:
-            # It initialised and died before its first event: report it as a crash.
-            await self._notify_freed()
+            self._forget(lease)
             raise ServiceUnavailable(
                 f"the new instance stopped before it could be invoked: {gone}"
             ) from gone
+        return Scheduled(
+            lease.instance_id, lease.worker.worker_id, True, start, result, queue_wait_s
+        )
+
+    async def _run(self, lease: Lease, request: InvokeRequest) -> InvokeResult:
+        lease.state = InstanceStatus.BUSY
+        try:
+            result = await lease.worker.invoke(lease.instance_id, request)
+        except WorkerUnavailable:
+            self._forget(lease)
+            await self._notify_freed()
+            raise
+        lease.invocations += 1
+        lease.last_used_at = time.time()
+        lease.last_used = time.monotonic()
         await self._release(lease, result)
-        return Scheduled(lease.instance_id, True, start, result)
+        return result
+
+    def _note_revision(self, spec: InstanceSpec) -> None:
+        if self._current_revision.get(spec.function_id, -1) < spec.revision:
+            self._current_revision[spec.function_id] = spec.revision
 
     def _take_idle(self, key: PoolKey) -> Lease | None:
         leases = self._idle.get(key)
@@ -109,88 +252,199 @@ class Scheduler:
             del self._idle[key]
         return lease
 
+    def _pool(self, lease: Lease) -> None:
+        lease.state = InstanceStatus.IDLE
+        self._idle.setdefault(lease.key, []).append(lease)
+
     async def _release(self, lease: Lease, result: InvokeResult) -> None:
-        current = self._current_revision.get(lease.key[0])
-        if result.instance_alive and current == lease.key[1]:
-            lease.last_used = time.monotonic()
-            self._idle.setdefault(lease.key, []).append(lease)
-        elif result.instance_alive:
+        current = self._current_revision.get(lease.spec.function_id)
+        if not result.instance_alive:
+            self._forget(lease)
+        elif current == lease.spec.revision:
+            self._pool(lease)
+        else:
             await self._stop(lease)
         await self._notify_freed()
 
-    async def _start(self, spec: InstanceSpec) -> tuple[Lease | None, StartResult]:
-        worker = await self._place(spec.memory_mb)
-        start = await worker.start_instance(spec)
+    async def _start(
+        self, spec: InstanceSpec, *, provisioned: bool = False
+    ) -> tuple[Lease | None, StartResult]:
+        tried: set[str] = set()
+        while True:
+            worker = await self._place(spec.memory_mb, exclude=tried)
+            try:
+                start = await worker.start_instance(spec, provisioned=provisioned)
+                break
+            except WorkerUnavailable:
+                # Nothing ran yet, so another worker may safely take it.
+                log.warning(
+                    "worker unavailable while starting an instance", worker=worker.worker_id
+                )
+                tried.add(worker.worker_id)
         if start.init_error_type is not None:
             await self._notify_freed()
             return None, start
-        lease = Lease(start.instance_id, worker, (spec.function_id, spec.revision), spec.memory_mb)
+        lease = Lease(start.instance_id, worker, spec, provisioned=provisioned)
+        lease.state = InstanceStatus.IDLE
+        self.live[lease.instance_id] = lease
         return lease, start
 
-    async def _place(self, memory_mb: int) -> WorkerClient:
+    async def _place(self, memory_mb: int, *, exclude: set[str]) -> WorkerClient:
         deadline = time.monotonic() + self.capacity_wait_s
         while True:
-            worker = self._roomiest(memory_mb)
+            worker = self._roomiest(memory_mb, exclude)
             if worker is not None:
                 return worker
-            if await self._evict_for(memory_mb):
+            if await self._evict_for(memory_mb, exclude):
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ServiceUnavailable(
-                    f"no worker has {memory_mb} MB free for a new instance; "
-                    "retry later or raise LAMBENT_WORKER_MEMORY_MB"
+                raise NoCapacity(
+                    f"no worker has {memory_mb} MB free for a new instance; retry later "
+                    "(operators: add workers or raise LAMBENT_WORKER_MEMORY_MB)"
                 )
             async with self._freed:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._freed.wait(), timeout=remaining)
 
-    def _roomiest(self, memory_mb: int) -> WorkerClient | None:
-        candidates = [w for w in self.workers if w.free_mb >= memory_mb]
+    def _roomiest(self, memory_mb: int, exclude: set[str]) -> WorkerClient | None:
+        candidates = [
+            w
+            for w in self.workers
+            if w.free_mb >= memory_mb and w.worker_id not in exclude and w.healthy
+        ]
         return max(candidates, key=lambda w: w.free_mb, default=None)
 
-    async def _evict_for(self, memory_mb: int) -> bool:
+    async def _evict_for(self, memory_mb: int, exclude: set[str]) -> bool:
         """Stop idle instances, least recently used first, until some worker has room."""
         idle = sorted(
-            (lease for leases in self._idle.values() for lease in leases),
+            (lease for leases in self._idle.values() for lease in leases if not lease.provisioned),
             key=lambda lease: lease.last_used,
         )
         for lease in idle:
-            if self._roomiest(memory_mb) is not None:
+            if self._roomiest(memory_mb, exclude) is not None:
                 return True
-            self._remove_idle(lease)
             log.info("evicting idle instance for memory", instance_id=lease.instance_id)
             await self._stop(lease)
-        return self._roomiest(memory_mb) is not None
+        return self._roomiest(memory_mb, exclude) is not None
 
-    def _remove_idle(self, lease: Lease) -> None:
-        leases = self._idle.get(lease.key, [])
-        with contextlib.suppress(ValueError):
-            leases.remove(lease)
-        if not leases:
-            self._idle.pop(lease.key, None)
+    def _forget(self, lease: Lease) -> None:
+        self.live.pop(lease.instance_id, None)
+        leases = self._idle.get(lease.key)
+        if leases is not None:
+            with contextlib.suppress(ValueError):
+                leases.remove(lease)
+            if not leases:
+                self._idle.pop(lease.key, None)
 
     async def _stop(self, lease: Lease) -> None:
+        self._forget(lease)
         try:
             await lease.worker.stop_instance(lease.instance_id)
         except Exception:  # noqa: BLE001 - a failed stop must not fail the caller's request
-            log.exception("stopping an instance failed", instance_id=lease.instance_id)
+            log.warning("stopping an instance failed", instance_id=lease.instance_id)
         await self._notify_freed()
 
     async def _notify_freed(self) -> None:
         async with self._freed:
             self._freed.notify_all()
 
+    # Changes of code and configuration.
+
     async def retire(self, function_id: str, revision: int | None = None) -> None:
-        """Stop the idle instances of a function; busy ones stop when they finish."""
+        """Stop the idle instances of a function's older revisions (all, when deleted).
+
+        Busy ones stop when they finish; provisioned concurrency moves to the new revision.
+        """
+        self._current_revision[function_id] = -1 if revision is None else revision
         if revision is None:
-            self._current_revision[function_id] = -1
-        else:
-            self._current_revision[function_id] = revision
-        stale = [key for key in self._idle if key[0] == function_id and key[1] != revision]
-        for key in stale:
-            for lease in self._idle.pop(key):
-                await self._stop(lease)
+            self._provisioned.pop(function_id, None)
+        stale = [
+            lease
+            for lease in self.live.values()
+            if lease.spec.function_id == function_id
+            and lease.spec.revision != revision
+            and lease.state is InstanceStatus.IDLE
+        ]
+        for lease in stale:
+            await self._stop(lease)
+
+    # Provisioned concurrency.
+
+    def set_provisioned(self, spec: InstanceSpec, count: int) -> None:
+        """Keep ``count`` initialised instances of this function revision (0 to stop)."""
+        self._note_revision(spec)
+        if count <= 0:
+            self._provisioned.pop(spec.function_id, None)
+            for lease in self.live.values():
+                if lease.spec.function_id == spec.function_id:
+                    # They stay warm like any instance and age out with the keep-alive.
+                    lease.provisioned = False
+            return
+        self._provisioned[spec.function_id] = (spec, count)
+
+    def provisioned_ready(self, function_id: str) -> int:
+        revision = self._current_revision.get(function_id)
+        return sum(
+            1
+            for lease in self.live.values()
+            if lease.provisioned
+            and lease.spec.function_id == function_id
+            and lease.spec.revision == revision
+        )
+
+    async def ensure_provisioned(self) -> None:
+        """Start what provisioned concurrency is missing; release what is over."""
+        for function_id, (spec, count) in list(self._provisioned.items()):
+            mine = [
+                lease
+                for lease in self.live.values()
+                if lease.provisioned and lease.spec.function_id == function_id
+            ]
+            for lease in mine:
+                if lease.spec.revision != spec.revision:
+                    lease.provisioned = False
+            current = [lease for lease in mine if lease.spec.revision == spec.revision]
+            for lease in current[count:]:
+                lease.provisioned = False
+            # Warm idle instances of the revision count towards it before new ones start.
+            missing = count - min(len(current), count)
+            for lease in self._idle.get((function_id, spec.revision), []):
+                if missing <= 0:
+                    break
+                if not lease.provisioned:
+                    lease.provisioned = True
+                    missing -= 1
+            task = self._provisioning.get(function_id)
+            if missing > 0 and (task is None or task.done()):
+                self._provisioning[function_id] = asyncio.create_task(
+                    self._provision(spec, missing)
+                )
+
+    async def _provision(self, spec: InstanceSpec, missing: int) -> None:
+        for _ in range(missing):
+            if self._provisioned.get(spec.function_id, (None, 0))[0] != spec:
+                return
+            try:
+                lease, start = await self._start(spec, provisioned=True)
+            except ServiceUnavailable as exc:
+                log.warning(
+                    "cannot start provisioned instance",
+                    function=spec.function_name,
+                    reason=exc.message,
+                )
+                return
+            if lease is None:
+                log.warning(
+                    "provisioned instance failed to initialise",
+                    function=spec.function_name,
+                    error_type=start.init_error_type,
+                )
+                return
+            self._pool(lease)
+        await self._notify_freed()
+
+    # Keep-alive.
 
     async def reap_idle(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
@@ -198,22 +452,28 @@ class Scheduler:
             lease
             for leases in self._idle.values()
             for lease in leases
-            if now - lease.last_used >= self.keepalive_s
+            if not lease.provisioned and now - lease.last_used >= self.keepalive_s
         ]
         for lease in expired:
-            self._remove_idle(lease)
             log.debug("instance kept idle too long", instance_id=lease.instance_id)
             await self._stop(lease)
         return len(expired)
 
-    async def _reap_forever(self) -> None:
-        interval = min(max(self.keepalive_s / 10, 0.5), 30)
+    async def _every(self, interval_s: float, job: Callable[[], object]) -> None:
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval_s)
             try:
-                await self.reap_idle()
-            except Exception:  # noqa: BLE001 - the reaper must outlive one bad round
-                log.exception("reaping idle instances failed")
+                await job()  # type: ignore[misc]
+            except Exception:  # noqa: BLE001 - a periodic job must outlive one bad round
+                log.exception("scheduler job failed", job=getattr(job, "__name__", str(job)))
+
+    # Visibility.
+
+    def instances_of(self, function_id: str) -> list[Lease]:
+        return sorted(
+            (lease for lease in self.live.values() if lease.spec.function_id == function_id),
+            key=lambda lease: lease.started_at,
+        )
 
     def idle_count(self) -> int:
         return sum(len(leases) for leases in self._idle.values())

@@ -5,9 +5,20 @@ from fastapi import APIRouter, Depends, Response
 from app.auth import Principal, require_operator
 from app.platform import Platform, get_platform
 from app.tenants import service
-from app.tenants.schemas import TenantCreate, TenantCreated, TenantList, TenantOut
+from app.tenants.models import Tenant
+from app.tenants.schemas import TenantCreate, TenantCreated, TenantList, TenantOut, TenantUpdate
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
+
+
+def tenant_out(platform: Platform, tenant: Tenant) -> TenantOut:
+    limit = tenant.concurrency_limit
+    return TenantOut(
+        id=tenant.id,
+        name=tenant.name,
+        concurrency_limit=platform.settings.tenant_concurrency_limit if limit is None else limit,
+        created_at=tenant.created_at,
+    )
 
 
 @router.post("", status_code=201, response_model=TenantCreated)
@@ -19,7 +30,7 @@ async def create_tenant(
     """Create a tenant. Its API key is in this response only."""
     async with platform.db.sessionmaker() as session:
         tenant, key = await service.create_tenant(session, body.name)
-    return TenantCreated(id=tenant.id, name=tenant.name, created_at=tenant.created_at, api_key=key)
+    return TenantCreated(**tenant_out(platform, tenant).model_dump(), api_key=key)
 
 
 @router.get("", response_model=TenantList)
@@ -29,7 +40,21 @@ async def list_tenants(
     """List every tenant."""
     async with platform.db.sessionmaker() as session:
         tenants = await service.list_tenants(session)
-    return TenantList(tenants=[TenantOut.model_validate(t, from_attributes=True) for t in tenants])
+    return TenantList(tenants=[tenant_out(platform, t) for t in tenants])
+
+
+@router.patch("/{tenant_id}", response_model=TenantOut)
+async def update_tenant(
+    tenant_id: str,
+    body: TenantUpdate,
+    _: Principal = Depends(require_operator),
+    platform: Platform = Depends(get_platform),
+) -> TenantOut:
+    """Change a tenant's concurrency limit."""
+    async with platform.db.sessionmaker() as session:
+        tenant = await service.set_concurrency_limit(session, tenant_id, body.concurrency_limit)
+    platform.functions.forget_tenant(tenant_id)
+    return tenant_out(platform, tenant)
 
 
 @router.delete("/{tenant_id}", status_code=204, response_class=Response)

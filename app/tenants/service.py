@@ -41,6 +41,16 @@ async def create_tenant(session: AsyncSession, name: str) -> tuple[Tenant, str]:
     return tenant, key
 
 
+async def set_concurrency_limit(session: AsyncSession, tenant_id: str, limit: int | None) -> Tenant:
+    tenant = await session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise TenantNotFound(f"no tenant with id {tenant_id!r}", tenant_id=tenant_id)
+    tenant.concurrency_limit = limit
+    await session.commit()
+    log.info("tenant concurrency limit changed", tenant_id=tenant_id, limit=limit)
+    return tenant
+
+
 async def list_tenants(session: AsyncSession) -> list[Tenant]:
     return list((await session.execute(select(Tenant).order_by(Tenant.name))).scalars())
 

@@ -50,7 +50,7 @@ def test_created_tenant_gets_a_key_that_works_at_once(server: Server) -> None:
 
     assert response.status_code == 201
     body = response.json()
-    assert set(body) == {"id", "name", "api_key", "created_at"}
+    assert set(body) == {"id", "name", "api_key", "concurrency_limit", "created_at"}
     assert body["name"] == name
     assert body["api_key"].startswith("lmb_")
     with server.client(body["api_key"]) as client:
@@ -66,7 +66,7 @@ def test_tenant_list_never_shows_keys(server: Server, tenant: Tenant) -> None:
     assert response.status_code == 200
     listed = {t["id"]: t for t in response.json()["tenants"]}
     assert listed[tenant.id]["name"] == tenant.name
-    assert set(listed[tenant.id]) == {"id", "name", "created_at"}
+    assert set(listed[tenant.id]) == {"id", "name", "concurrency_limit", "created_at"}
     assert tenant.key not in response.text
 
 
