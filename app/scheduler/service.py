@@ -197,18 +197,31 @@ class Scheduler:
     async def _invoke(self, spec: InstanceSpec, request: InvokeRequest) -> Scheduled:
         self._note_revision(spec)
         key = (spec.function_id, spec.revision)
-
-        # An idle instance may have died since it was pooled; then try the next one, and
-        # finally start a new one.
-        while (lease := self._take_idle(key)) is not None:
-            try:
-                result = await self._run(lease, request)
-            except InstanceGone:
-                self._forget(lease)
-                continue
-            return Scheduled(lease.instance_id, lease.worker.worker_id, False, None, result)
-
         waited_from = time.monotonic()
+        deadline = waited_from + self.capacity_wait_s
+
+        while True:
+            # An idle instance may have died since it was pooled; then try the next one.
+            while (lease := self._take_idle(key)) is not None:
+                try:
+                    result = await self._run(lease, request)
+                except InstanceGone:
+                    self._forget(lease)
+                    continue
+                return Scheduled(
+                    lease.instance_id,
+                    lease.worker.worker_id,
+                    False,
+                    None,
+                    result,
+                    time.monotonic() - waited_from,
+                )
+            if await self._has_room(spec.memory_mb, set()):
+                break
+            # No room anywhere: wait for an instance to finish (it may be one of ours, which
+            # then serves this request warm) or for memory to free up.
+            await self._wait_for_freed(deadline, spec.memory_mb)
+
         lease, start = await self._start(spec)
         queue_wait_s = max(0.0, time.monotonic() - waited_from - start.init_duration_ns / 1e9)
         if lease is None:
@@ -289,23 +302,30 @@ class Scheduler:
         self.live[lease.instance_id] = lease
         return lease, start
 
+    async def _has_room(self, memory_mb: int, exclude: set[str]) -> bool:
+        return self._roomiest(memory_mb, exclude) is not None or await self._evict_for(
+            memory_mb, exclude
+        )
+
+    async def _wait_for_freed(self, deadline: float, memory_mb: int) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise NoCapacity(
+                f"no worker has {memory_mb} MB free for a new instance; retry later "
+                "(operators: add workers or raise LAMBENT_WORKER_MEMORY_MB)"
+            )
+        async with self._freed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), timeout=remaining)
+
     async def _place(self, memory_mb: int, *, exclude: set[str]) -> WorkerClient:
         deadline = time.monotonic() + self.capacity_wait_s
         while True:
-            worker = self._roomiest(memory_mb, exclude)
-            if worker is not None:
-                return worker
-            if await self._evict_for(memory_mb, exclude):
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise NoCapacity(
-                    f"no worker has {memory_mb} MB free for a new instance; retry later "
-                    "(operators: add workers or raise LAMBENT_WORKER_MEMORY_MB)"
-                )
-            async with self._freed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._freed.wait(), timeout=remaining)
+            if await self._has_room(memory_mb, exclude):
+                worker = self._roomiest(memory_mb, exclude)
+                if worker is not None:
+                    return worker
+            await self._wait_for_freed(deadline, memory_mb)
 
     def _roomiest(self, memory_mb: int, exclude: set[str]) -> WorkerClient | None:
         candidates = [

@@ -31,6 +31,8 @@ log = get_logger(__name__)
 # The uid and gid code sees inside the sandbox (Lambda's sandbox user has the same).
 SANDBOX_INNER_ID = 993
 READ_CHUNK = 64 * 1024
+# Linux pipes buffer 64 KiB; staying under it lets the arguments be written before bwrap runs.
+ARGS_PIPE_BYTES = 60 * 1024
 
 ETC_FILES = {
     "passwd": "root:x:0:0:root:/root:/usr/sbin/nologin\n"
@@ -164,15 +166,27 @@ class BubblewrapBackend:
         if not localtime.is_symlink():
             localtime.symlink_to("/usr/share/zoneinfo/UTC")
 
-    def command(self, spec: SandboxSpec) -> list[str]:
-        tmp_bytes = spec.tmp_mb * 1024 * 1024
-        args = [
+    def launcher(self, args_fd: int) -> list[str]:
+        """The host command line: drop to the sandbox uid, then bwrap reading its arguments."""
+        return [
             self.setpriv,
             f"--reuid={self.sandbox_uid}",
             f"--regid={self.sandbox_gid}",
             "--clear-groups",
             "--no-new-privs",
             self.bwrap,
+            "--args",
+            str(args_fd),
+        ]
+
+    def bwrap_args(self, spec: SandboxSpec) -> list[str]:
+        """bwrap's arguments, passed through a pipe rather than the command line.
+
+        The function's environment (secrets, often) would otherwise be readable by every user
+        of the host in /proc/<pid>/cmdline, and inside the sandbox as well.
+        """
+        tmp_bytes = spec.tmp_mb * 1024 * 1024
+        args = [
             "--unshare-all",
             "--unshare-user",
             "--die-with-parent",
@@ -198,7 +212,7 @@ class BubblewrapBackend:
         ]  # fmt: skip
         for key, value in spec.env.items():
             args += ["--setenv", key, value]
-        return [*args, "--", *spec.command]
+        return args
 
     async def start(self, spec: SandboxSpec) -> BubblewrapSandbox:
         cgroup = cgroups.InstanceCgroup(spec.instance_id)
@@ -206,15 +220,30 @@ class BubblewrapBackend:
             cgroup.create, cgroups.CgroupLimits(memory_mb=spec.memory_mb, pids_max=spec.pids_max)
         )
 
+        encoded = b"".join(arg.encode() + b"\0" for arg in self.bwrap_args(spec))
+        if len(encoded) > ARGS_PIPE_BYTES:
+            await asyncio.to_thread(cgroup.destroy)
+            raise SandboxStartError(f"sandbox arguments take {len(encoded)} bytes; too many")
+        args_read, args_write = os.pipe()
+        # Written whole before bwrap starts: it fits in the pipe's buffer, so this never blocks.
+        os.write(args_write, encoded)
+        os.close(args_write)
+
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         try:
             process = await asyncio.create_subprocess_exec(
                 *cgroup.join_command(),
-                *self.command(spec),
+                *self.launcher(args_read),
+                # bwrap takes its command from the real command line only; it holds no secrets.
+                "--",
+                *spec.command,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=write_fd,
                 stderr=write_fd,
+                pass_fds=(args_read,),
+                # The worker's own working directory is no business of the sandbox's.
+                cwd="/",
                 env={"PATH": "/usr/bin:/bin"},
                 start_new_session=True,
             )
@@ -224,6 +253,7 @@ class BubblewrapBackend:
             raise SandboxStartError(f"could not start bwrap: {exc}") from exc
         finally:
             os.close(write_fd)
+            os.close(args_read)
 
         log.debug("sandbox started", instance_id=spec.instance_id, pid=process.pid)
         return BubblewrapSandbox(spec.instance_id, process, cgroup, read_fd)
