@@ -10,9 +10,9 @@ host side that the target exists, so a pass cannot come from attacking nothing.
 from __future__ import annotations
 
 import errno
-import os
 import hashlib
 import json
+import os
 import socket
 import time
 import uuid
