@@ -5,6 +5,7 @@ import uuid
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
 
 from app.auth import OPERATOR_KEY_PREFIX, TENANT_KEY_PREFIX, hash_key, new_key
 from app.errors import ResourceConflict, ResourceNotFound
@@ -88,8 +89,21 @@ async def ensure_operator_key(session: AsyncSession, configured: str | None) -> 
     """Make the operator key match the settings; returns a newly generated key, if any.
 
     A configured key replaces every other operator key. With none configured, a key is made on
-    the first start only and returned so that the caller can print it once.
+    the first start only and returned so that the caller can print it once. API processes
+    starting together race here; the loser of an insert or delete retries against what the
+    winner wrote.
     """
+    for attempt in range(3):
+        try:
+            return await _ensure_operator_key(session, configured)
+        except (IntegrityError, StaleDataError):
+            await session.rollback()
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _ensure_operator_key(session: AsyncSession, configured: str | None) -> str | None:
     existing = list(
         (await session.execute(select(ApiKey).where(ApiKey.is_operator.is_(True)))).scalars()
     )
