@@ -11,9 +11,9 @@ bench:  ## run the benchmarks in bench/ beside their baselines
 	.venv/bin/python bench/run.py
 
 lint:
-	.venv/bin/ruff check app workers tests bench
-	.venv/bin/ruff format --check app workers tests bench
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 
 format:
-	.venv/bin/ruff format app workers tests bench
-	.venv/bin/ruff check --fix app workers tests bench
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .

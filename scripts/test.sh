@@ -9,5 +9,5 @@ scripts/setup-venv.sh
 LAMBENT_TEST_POSTGRES_URL=$(scripts/start-postgres.sh)
 export LAMBENT_TEST_POSTGRES_URL
 
-.venv/bin/ruff check app workers tests bench
+.venv/bin/ruff check .
 exec .venv/bin/pytest "$@"
