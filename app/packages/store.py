@@ -12,9 +12,12 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from app.packages.errors import BlobNotFound
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 _CHUNK_BYTES = 1024 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -34,6 +37,19 @@ class ObjectStore(Protocol):
     async def delete(self, sha256: str) -> None:
         """Remove the blob; removing one that is not there is not an error."""
         ...
+
+
+async def open_object_store(settings: Settings) -> ObjectStore:
+    """The store ``LAMBENT_OBJECT_STORE`` names, checked to be usable."""
+    if settings.object_store == "s3":
+        # Imported here: boto3 takes a moment to load, and the local store does not need it.
+        from app.packages.s3 import S3ObjectStore
+
+        s3 = S3ObjectStore.from_settings(settings)
+        await s3.check()
+        return s3
+
+    return LocalObjectStore(settings.data_dir / "packages")
 
 
 class LocalObjectStore:
@@ -64,10 +80,7 @@ class LocalObjectStore:
         await asyncio.to_thread(blob.unlink, missing_ok=True)
 
     def _blob_path(self, sha256: str) -> Path:
-        # The digest becomes a path: anything but 64 lowercase hex digits could point elsewhere.
-        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
-            raise ValueError(f"{sha256!r} is not a SHA-256 digest in lowercase hex.")
-        return self.root / sha256[:2] / sha256
+        return self.root / sha256[:2] / check_digest(sha256)
 
     def _put(self, sha256: str, blob: Path, path: Path) -> None:
         if blob.is_file():
@@ -77,28 +90,42 @@ class LocalObjectStore:
         with path.open("rb") as src:
             # Checked while copying, because a blob stored under the wrong name would be
             # handed out for some other package later.
-            _copy_verified(src, blob, sha256, tmp_dir=self.root, prefix=".put-", fsync=True)
+            copy_verified(src, blob, sha256, tmp_dir=self.root, prefix=".put-", fsync=True)
 
     def _get(self, sha256: str, blob: Path, dest: Path) -> None:
         try:
             src = blob.open("rb")
         except FileNotFoundError:
-            raise BlobNotFound(
-                f"Package {sha256} is missing from the object store.", sha256=sha256
-            ) from None
+            raise missing_blob(sha256) from None
 
         with src:
             try:
-                _copy_verified(src, dest, sha256, tmp_dir=dest.parent, prefix=f".{dest.name}.tmp-")
-            except _DigestMismatch as exc:
-                raise BlobNotFound(
-                    f"Package {sha256} is damaged in the object store: its content hashes to "
-                    f"{exc.actual}.",
-                    sha256=sha256,
-                ) from exc
+                copy_verified(src, dest, sha256, tmp_dir=dest.parent, prefix=f".{dest.name}.tmp-")
+            except DigestMismatch as exc:
+                raise damaged_blob(sha256, exc) from exc
 
 
-class _DigestMismatch(ValueError):
+def check_digest(sha256: str) -> str:
+    """Return ``sha256`` if it is 64 lowercase hex digits, else raise ``ValueError``."""
+    # The digest becomes a path or an object key: anything else could point elsewhere.
+    if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+        raise ValueError(f"{sha256!r} is not a SHA-256 digest in lowercase hex.")
+    return sha256
+
+
+def missing_blob(sha256: str) -> BlobNotFound:
+    return BlobNotFound(f"Package {sha256} is missing from the object store.", sha256=sha256)
+
+
+def damaged_blob(sha256: str, mismatch: DigestMismatch) -> BlobNotFound:
+    return BlobNotFound(
+        f"Package {sha256} is damaged in the object store: its content hashes to "
+        f"{mismatch.actual}.",
+        sha256=sha256,
+    )
+
+
+class DigestMismatch(ValueError):
     """The bytes do not hash to the digest they are stored under: a caller's bug on put."""
 
     def __init__(self, expected: str, actual: str) -> None:
@@ -106,7 +133,7 @@ class _DigestMismatch(ValueError):
         self.actual = actual
 
 
-def _copy_verified(
+def copy_verified(
     src: BinaryIO, dest: Path, sha256: str, *, tmp_dir: Path, prefix: str, fsync: bool = False
 ) -> None:
     """Copy ``src`` to ``dest`` through a temporary file, renaming it only if the hash matches."""
@@ -121,7 +148,7 @@ def _copy_verified(
                 out.flush()
                 os.fsync(out.fileno())
         if digest.hexdigest() != sha256:
-            raise _DigestMismatch(sha256, digest.hexdigest())
+            raise DigestMismatch(sha256, digest.hexdigest())
         os.replace(tmp_name, dest)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
