@@ -11,15 +11,23 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from app.billing.cli import billing_cli
+
 cli = typer.Typer(
     help="Lambent: a self-hosted function-as-a-service platform.", no_args_is_help=True
 )
 tenants_cli = typer.Typer(help="Manage tenants (operator key).", no_args_is_help=True)
 functions_cli = typer.Typer(help="Deploy and manage functions.", no_args_is_help=True)
 invocations_cli = typer.Typer(help="Look at past invocations.", no_args_is_help=True)
+images_cli = typer.Typer(
+    help="Images of the Docker sandbox (LAMBENT_SANDBOX=docker), built without a registry.",
+    no_args_is_help=True,
+)
 cli.add_typer(tenants_cli, name="tenants")
 cli.add_typer(functions_cli, name="functions")
 cli.add_typer(invocations_cli, name="invocations")
+cli.add_typer(images_cli, name="images")
+cli.add_typer(billing_cli)
 
 console = Console()
 errors = Console(stderr=True)
@@ -66,8 +74,17 @@ def _print_json(value: Any) -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on")] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="API processes [default: LAMBENT_API_WORKERS, 1]; more than one needs "
+            "LAMBENT_EMBEDDED_WORKER=false",
+        ),
+    ] = None,
 ) -> None:
-    """Run the whole platform in this process: API, scheduler and an embedded worker."""
+    """Run the platform: API and scheduler, with an embedded worker unless it is turned off."""
     import uvicorn
 
     from app.logging import configure_logging
@@ -76,17 +93,84 @@ def serve(
     from app.settings import get_settings
 
     settings = get_settings()
+    processes = processes or settings.api_workers
+    if processes > 1 and settings.embedded_worker:
+        errors.print(
+            f"[red]error[/red]: {processes} API processes need LAMBENT_EMBEDDED_WORKER=false: "
+            "an embedded worker belongs to one process. Run the sandboxes with `lambent worker`."
+        )
+        raise typer.Exit(2)
+
     configure_logging(settings.log_format, settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Once, before any API process starts.
     upgrade_to_head(settings.resolved_database_url)
-    uvicorn.run(
-        create_app(settings),
-        host=host or settings.host,
-        port=port or settings.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=30,
-    )
+    options: dict[str, Any] = {
+        "host": host or settings.host,
+        "port": port or settings.port,
+        "log_level": "warning",
+        "access_log": False,
+        "timeout_graceful_shutdown": 30,
+    }
+    if processes == 1:
+        uvicorn.run(create_app(settings), **options)
+    else:
+        # Each process builds its own application (scheduler, worker registry) from the same
+        # LAMBENT_* environment; they share the database, the object store and the workers.
+        uvicorn.run("app.main:create_app_from_env", factory=True, workers=processes, **options)
+
+
+@cli.command()
+def worker(
+    listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT to serve on [default: 127.0.0.1:8081]")
+    ] = None,
+    control_plane: Annotated[
+        str | None, typer.Option("--control-plane", help="The control plane's URL")
+    ] = None,
+    memory_mb: Annotated[
+        int | None, typer.Option("--memory-mb", help="Instance memory this worker may place")
+    ] = None,
+    cpus: Annotated[int | None, typer.Option(help="CPUs to report [default: this host's]")] = None,
+    worker_id: Annotated[
+        str | None, typer.Option("--id", help="Worker id [default: generated once, kept]")
+    ] = None,
+    advertise: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT the control plane reaches this worker at [default: --listen]"),
+    ] = None,
+) -> None:
+    """Run this host's sandboxes as a worker of a control plane (LAMBENT_WORKER_TOKEN)."""
+    import uvloop
+
+    from app.logging import configure_logging
+    from app.settings import get_settings
+    from workers import standalone
+    from workers.cgroups import CgroupUnavailable
+    from workers.sandbox.base import SandboxStartError
+
+    options = {
+        "worker_listen": listen,
+        "control_plane_url": control_plane,
+        "worker_memory_mb": memory_mb,
+        "worker_cpus": cpus,
+        "worker_id": worker_id,
+        "worker_advertise": advertise,
+    }
+    settings = get_settings().model_copy(update={k: v for k, v in options.items() if v is not None})
+    configure_logging(settings.log_format, settings.log_level)
+    if settings.worker_token is None:
+        errors.print("[red]error[/red]: set LAMBENT_WORKER_TOKEN, the control plane's worker token")
+        raise typer.Exit(2)
+    if not settings.control_plane_url:
+        errors.print("[red]error[/red]: pass --control-plane URL (or LAMBENT_CONTROL_PLANE_URL)")
+        raise typer.Exit(2)
+    try:
+        status = uvloop.run(standalone.run(settings))
+    except (SandboxStartError, CgroupUnavailable, ValueError) as error:
+        errors.print(f"[red]error[/red]: {error}")
+        raise typer.Exit(1) from None
+    raise typer.Exit(status)
 
 
 @cli.command()
@@ -99,6 +183,45 @@ def migrate() -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_to_head(settings.resolved_database_url)
     typer.echo("database is up to date")
+
+
+@images_cli.command("build")
+def images_build(
+    runtime: Annotated[
+        list[str] | None,
+        typer.Option("--runtime", help="Only this runtime's image, repeatable [default: all]"),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild images that exist")] = False,
+    mirror: Annotated[str | None, typer.Option(help="Debian mirror for debootstrap")] = None,
+) -> None:
+    """Build the runtime images from Debian packages (debootstrap, docker import, docker build)."""
+    import docker
+    import docker.errors
+
+    from app.settings import get_settings
+    from workers.agent import SUPPORTED_RUNTIMES
+    from workers.images.build import DEFAULT_MIRROR, ImageBuildError, build_images
+
+    unknown = sorted(set(runtime or []) - set(SUPPORTED_RUNTIMES))
+    if unknown:
+        errors.print(f"[red]error[/red]: unknown runtime {', '.join(unknown)}")
+        raise typer.Exit(2)
+    settings = get_settings()
+    try:
+        client = docker.from_env()
+        built = build_images(
+            client,
+            runtime or SUPPORTED_RUNTIMES,
+            force=force,
+            mirror=mirror or DEFAULT_MIRROR,
+            sandbox_uid=settings.sandbox_uid,
+            sandbox_gid=settings.sandbox_gid,
+            progress=lambda line: errors.print(line, markup=False, highlight=False),
+        )
+    except (ImageBuildError, docker.errors.DockerException) as error:
+        errors.print(f"[red]error[/red]: {error}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"built {', '.join(built)}" if built else "every image exists already")
 
 
 @tenants_cli.command("create")
@@ -128,8 +251,10 @@ def tenants_delete(tenant_id: str, url: UrlOption = None, key: KeyOption = None)
 @functions_cli.command("deploy")
 def functions_deploy(
     name: str,
-    runtime: Annotated[str, typer.Option(help="python3.11 or provided")] = "python3.11",
-    handler: Annotated[str, typer.Option(help="module.function")] = "app.handler",
+    runtime: Annotated[str, typer.Option(help="python3.11, nodejs20.x or provided")] = "python3.11",
+    handler: Annotated[
+        str, typer.Option(help="module.function (python), file.function (node)")
+    ] = "app.handler",
     zip_path: Annotated[Path | None, typer.Option("--zip", help="A zip package")] = None,
     directory: Annotated[Path | None, typer.Option("--dir", help="A directory to zip")] = None,
     memory_mb: Annotated[int, typer.Option("--memory", help="Memory in MB")] = 128,

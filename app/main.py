@@ -14,15 +14,18 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.auth import KeyCache
+from app.billing.routes import router as billing_router
+from app.billing.runtime import start_billing, stop_billing
 from app.db import Database
 from app.errors import LambentError
 from app.functions.cache import FunctionCache
 from app.functions.routes import router as functions_router
 from app.functions.service import restore_provisioned
 from app.invocations.routes import router as invocations_router
-from app.logging import get_logger
+from app.invocations.writer import InvocationWriter
+from app.logging import configure_logging, get_logger
 from app.metering.routes import router as usage_router
-from app.packages.store import LocalObjectStore
+from app.packages.store import open_object_store
 from app.platform import Platform
 from app.scheduler.metrics import Metrics
 from app.scheduler.routes import router as operations_router
@@ -30,9 +33,11 @@ from app.scheduler.service import Scheduler
 from app.settings import Settings, get_settings
 from app.tenants.routes import router as tenants_router
 from app.tenants.service import ensure_operator_key
-from workers.agent import Worker, WorkerConfig, resolve_sandbox_dir
+from app.workers.routes import internal as workers_internal_router
+from app.workers.routes import router as workers_router
+from app.workers.service import WorkerRegistry
+from workers.agent import Worker, build_worker
 from workers.client import InProcessWorkerClient
-from workers.sandbox.bubblewrap import BubblewrapBackend
 
 log = get_logger(__name__)
 
@@ -95,31 +100,20 @@ def install_error_handlers(app: FastAPI) -> None:
 async def build_platform(settings: Settings) -> Platform:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.resolved_database_url)
-    store = LocalObjectStore(settings.data_dir / "packages")
-    sandbox_dir = resolve_sandbox_dir(settings.data_dir, settings.sandbox_dir)
-    backend = BubblewrapBackend(
-        state_dir=sandbox_dir, sandbox_uid=settings.sandbox_uid, sandbox_gid=settings.sandbox_gid
-    )
-    worker = Worker(
-        WorkerConfig(
-            sandbox_dir=sandbox_dir,
-            memory_mb=settings.worker_memory_mb,
-            python_executable=settings.python_executable,
-            tmp_mb=settings.tmp_mb,
-            pids_max=settings.pids_max,
-            log_max_bytes=settings.log_max_bytes,
-            init_timeout_s=settings.init_timeout_s,
-            region=settings.region,
-        ),
-        backend,
-        code_source=store.get_to_file,
-    )
-    await worker.start()
+    store = await open_object_store(settings)
+    worker: Worker | None = None
+    embedded: InProcessWorkerClient | None = None
+    if settings.embedded_worker:
+        worker = build_worker(settings, store.get_to_file)
+        await worker.start()
+        embedded = InProcessWorkerClient(worker)
     scheduler = Scheduler(
-        [InProcessWorkerClient(worker)],
+        [embedded] if embedded is not None else [],
         keepalive_s=settings.keepalive_s,
         capacity_wait_s=settings.capacity_wait_s,
     )
+    registry = WorkerRegistry(settings=settings, db=db, scheduler=scheduler, embedded=embedded)
+    await registry.start()
     metrics = Metrics()
     metrics.watch(scheduler)
     scheduler.on_throttle = lambda spec, reason: metrics.throttles.labels(
@@ -131,18 +125,25 @@ async def build_platform(settings: Settings) -> Platform:
         store=store,
         scheduler=scheduler,
         worker=worker,
+        workers=registry,
         keys=KeyCache(),
         functions=FunctionCache(),
         metrics=metrics,
     )
     await restore_provisioned(platform)
     scheduler.start()
+    platform.writer = InvocationWriter(platform)
+    platform.writer.start()
     return platform
 
 
 async def close_platform(platform: Platform) -> None:
     await platform.scheduler.close()
-    await platform.worker.close()
+    if platform.writer is not None:
+        await platform.writer.close()
+    await platform.workers.close()
+    if platform.worker is not None:
+        await platform.worker.close()
     await platform.db.dispose()
 
 
@@ -154,6 +155,13 @@ def announce_operator_key(key: str) -> None:
         file=sys.stdout,
         flush=True,
     )
+
+
+def create_app_from_env() -> FastAPI:
+    """The application of one of `lambent serve --workers N`'s processes."""
+    settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    return create_app(settings)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -168,10 +176,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if generated:
             announce_operator_key(generated)
         app.state.platform = platform
+        await start_billing(platform)
         log.info("lambent ready", data_dir=str(settings.data_dir.resolve()))
         try:
             yield
         finally:
+            await stop_billing(platform)
             await close_platform(platform)
 
     app = FastAPI(
@@ -197,5 +207,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(functions_router)
     app.include_router(invocations_router)
     app.include_router(usage_router)
+    app.include_router(billing_router)
     app.include_router(operations_router)
+    app.include_router(workers_router)
+    app.include_router(workers_internal_router)
     return app

@@ -14,8 +14,10 @@ from app.settings import Settings
 if TYPE_CHECKING:
     from app.auth import KeyCache
     from app.functions.cache import FunctionCache
+    from app.invocations.writer import InvocationWriter
     from app.scheduler.metrics import Metrics
     from app.scheduler.service import Scheduler
+    from app.workers.service import WorkerRegistry
     from workers.agent import Worker
 
 
@@ -25,10 +27,12 @@ class Platform:
     db: Database
     store: ObjectStore
     scheduler: Scheduler
-    worker: Worker
+    worker: Worker | None  # the embedded worker, unless LAMBENT_EMBEDDED_WORKER is false
+    workers: WorkerRegistry
     keys: KeyCache
     functions: FunctionCache
     metrics: Metrics
+    writer: InvocationWriter | None = None  # set right after construction; it needs the platform
 
 
 def get_platform(request: Request) -> Platform:

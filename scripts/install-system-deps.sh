@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Lambent needs when they are missing.
 #   scripts/install-system-deps.sh          what `lambent serve` needs (bubblewrap sandboxes)
-#   scripts/install-system-deps.sh --test   plus what the test suite needs (PostgreSQL)
+#   scripts/install-system-deps.sh --test   plus what the test suite needs (PostgreSQL,
+#                                           docker-compose to check docker-compose.yml, and
+#                                           for the Docker sandbox: the engine, and debootstrap
+#                                           and gcc for `lambent images build`)
 set -euo pipefail
 
 packages=()
@@ -11,6 +14,12 @@ command -v curl >/dev/null || packages+=(curl)
 [ -x /usr/bin/python3 ] || packages+=(python3)
 if [ "${1:-}" = "--test" ]; then
     compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || packages+=(postgresql)
+    command -v docker-compose >/dev/null || packages+=(docker-compose)
+    command -v dockerd >/dev/null || packages+=(docker.io)
+    command -v debootstrap >/dev/null || packages+=(debootstrap)
+    command -v gcc >/dev/null || packages+=(gcc)
+    # The static C library, for lambent-init.
+    compgen -G "/usr/lib/*-linux-gnu/libc.a" >/dev/null || packages+=(libc6-dev)
 fi
 
 if [ ${#packages[@]} -gt 0 ]; then

@@ -7,7 +7,7 @@ version=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
 if ! pg_lsclusters -h | awk '{print $1, $2}' | grep -q "^$version main$"; then
     pg_createcluster "$version" main >/dev/null
 fi
-pg_ctlcluster "$version" main start 2>/dev/null || true
+pg_ctlcluster "$version" main start >/dev/null 2>&1 || true  # stdout carries only the URL
 for _ in $(seq 100); do
     pg_isready -q -h 127.0.0.1 && break
     sleep 0.1

@@ -17,6 +17,7 @@ from pathlib import Path
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("memory", "pids", "cpu")
 PARENT = "lambent"
+STALE_AFTER_S = 60.0
 
 # Lambda gives a function one vCPU at 1,769 MB; shares follow the same slope. A share is a weight
 # under contention, not a cap, so a small function still starts at full speed on an idle host.
@@ -52,16 +53,35 @@ class InstanceCgroup:
         for path in self.paths.values():
             path.mkdir(parents=True, exist_ok=True)
 
+        self._set_memory_limit(limits.memory_mb)
+        _write(self.paths["memory"] / "memory.swappiness", "0")
+        _write(self.paths["pids"] / "pids.max", str(limits.pids_max))
+        _write(self.paths["cpu"] / "cpu.shares", str(_cpu_shares(limits.memory_mb)))
+
+    def resize(self, memory_mb: int) -> None:
+        """Change the memory limit of a live group, and the CPU share that follows from it.
+
+        The kernel refuses (EBUSY) a memory limit below what the group already uses.
+        """
+        self._set_memory_limit(memory_mb)
+        _write(self.paths["cpu"] / "cpu.shares", str(_cpu_shares(memory_mb)))
+
+    def _set_memory_limit(self, memory_mb: int) -> None:
         memory = self.paths["memory"]
-        limit_bytes = str(limits.memory_mb * 1024 * 1024)
-        _write(memory / "memory.limit_in_bytes", limit_bytes)
+        limit_bytes = memory_mb * 1024 * 1024
+        grows = limit_bytes > int(_read(memory / "memory.limit_in_bytes") or 0)
+        # The memory+swap limit may never be below the memory limit: it is raised first and
+        # lowered last.
+        if grows:
+            self._set_memsw_limit(limit_bytes)
+        _write(memory / "memory.limit_in_bytes", str(limit_bytes))
+        if not grows:
+            self._set_memsw_limit(limit_bytes)
+
+    def _set_memsw_limit(self, limit_bytes: int) -> None:
         # memsw exists only with swap accounting; without it there is no swap to escape into.
         with contextlib.suppress(FileNotFoundError, PermissionError):
-            _write(memory / "memory.memsw.limit_in_bytes", limit_bytes)
-        _write(memory / "memory.swappiness", "0")
-        _write(self.paths["pids"] / "pids.max", str(limits.pids_max))
-        shares = max(2, FULL_SHARE * limits.memory_mb // MB_PER_VCPU)
-        _write(self.paths["cpu"] / "cpu.shares", str(shares))
+            _write(self.paths["memory"] / "memory.memsw.limit_in_bytes", str(limit_bytes))
 
     def join_command(self) -> list[str]:
         """A command prefix that moves itself into the groups, then execs the rest."""
@@ -105,14 +125,26 @@ class InstanceCgroup:
                     time.sleep(0.01)
 
 
-def remove_stale_groups() -> int:
-    """Remove empty groups left by a worker that died; groups with live processes stay."""
+def _cpu_shares(memory_mb: int) -> int:
+    return max(2, FULL_SHARE * memory_mb // MB_PER_VCPU)
+
+
+def remove_stale_groups(min_age_s: float = STALE_AFTER_S) -> int:
+    """Remove empty groups left by a worker that died; groups with live processes stay.
+
+    Several workers may share a host, and a group is empty for a moment between its creation
+    and its sandbox joining it; only groups older than ``min_age_s`` are taken for stale.
+    """
     removed = 0
+    cutoff = time.time() - min_age_s
     for controller in CONTROLLERS:
         parent = CGROUP_ROOT / controller / PARENT
         if not parent.is_dir():
             continue
         for child in parent.iterdir():
+            with contextlib.suppress(OSError):
+                if child.stat().st_mtime > cutoff:
+                    continue
             if child.is_dir() and not _read(child / "cgroup.procs").strip():
                 with contextlib.suppress(OSError):
                     child.rmdir()

@@ -22,8 +22,16 @@ class WorkerClient(Protocol):
     def free_mb(self) -> int: ...
 
     @property
+    def idle_mb(self) -> int:
+        """Memory of idle instances the worker stops itself when a new one needs the room."""
+
+    @property
     def healthy(self) -> bool:
         """False once the worker missed its heartbeats; nothing new is placed on it."""
+
+    @property
+    def sandbox(self) -> str:
+        """The worker's sandbox backend: "process" or "docker" (which alone runs images)."""
 
     async def start_instance(
         self, spec: InstanceSpec, *, provisioned: bool = False
@@ -32,6 +40,9 @@ class WorkerClient(Protocol):
     async def invoke(self, instance_id: str, request: InvokeRequest) -> InvokeResult: ...
 
     async def stop_instance(self, instance_id: str) -> None: ...
+
+    async def keep_instances(self, instance_ids: list[str]) -> list[str]:
+        """Keep these (provisioned) instances from being stopped as idle; returns those gone."""
 
     async def instances(self) -> list[InstanceInfo]: ...
 
@@ -52,12 +63,18 @@ class InProcessWorkerClient:
         return self.worker.free_mb
 
     @property
+    def idle_mb(self) -> int:
+        return self.worker.idle_mb
+
+    @property
     def healthy(self) -> bool:
         return True
 
-    async def start_instance(
-        self, spec: InstanceSpec, *, provisioned: bool = False
-    ) -> StartResult:
+    @property
+    def sandbox(self) -> str:
+        return self.worker.backend.name
+
+    async def start_instance(self, spec: InstanceSpec, *, provisioned: bool = False) -> StartResult:
         return await self.worker.start_instance(spec, provisioned=provisioned)
 
     async def invoke(self, instance_id: str, request: InvokeRequest) -> InvokeResult:
@@ -65,6 +82,9 @@ class InProcessWorkerClient:
 
     async def stop_instance(self, instance_id: str) -> None:
         await self.worker.stop_instance(instance_id)
+
+    async def keep_instances(self, instance_ids: list[str]) -> list[str]:
+        return self.worker.keep_instances(instance_ids)
 
     async def instances(self) -> list[InstanceInfo]:
         return self.worker.instances()

@@ -83,6 +83,7 @@ class ExecutionEnvironment:
         *,
         log_max_bytes: int,
         on_stopped: Callable[[ExecutionEnvironment], None],
+        init_started_ns: int | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.spec = spec
@@ -92,7 +93,8 @@ class ExecutionEnvironment:
         self.started_at = time.time()
         self.last_used_at = self.started_at
         self.invocations = 0
-        self._started_ns = time.perf_counter_ns()
+        # perf_counter_ns() when the init phase began: now, unless the caller started it earlier.
+        self._started_ns = time.perf_counter_ns() if init_started_ns is None else init_started_ns
         self._lock = asyncio.Lock()
         self._logs = LogBuffer(log_max_bytes)
         self._on_stopped = on_stopped

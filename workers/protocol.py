@@ -14,6 +14,14 @@ class WorkerUnavailable(RuntimeError):
     """The worker cannot be reached, or stopped answering mid-call."""
 
 
+class WorkerUnreachable(WorkerUnavailable):
+    """The call never reached the worker, so nothing ran there: another worker may take it."""
+
+
+class NoRoom(RuntimeError):
+    """The worker takes no new instance now (its memory is taken, or it is shutting down)."""
+
+
 class InstanceStatus(StrEnum):
     STARTING = "initializing"
     IDLE = "idle"
@@ -40,9 +48,15 @@ class InstanceSpec:
     handler: str
     memory_mb: int
     timeout_s: int
+    # The zip package's blob; for a container image, its archive's, or "" for an image given by
+    # reference (already on the workers).
     code_sha256: str
     environment: dict[str, str] = field(default_factory=dict)
     function_arn: str = ""
+    package_type: str = "Zip"  # or "Image"
+    # A container image function's image: an image id for an uploaded archive, else the
+    # reference it was created with.
+    image: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,8 @@ class StartResult:
     # Set when the runtime failed to initialise; the instance is already gone then.
     init_error_type: str | None = None
     init_error_body: bytes | None = None
+    # The instance took over a pre-started sandbox: its init only loaded the function's code.
+    prestarted: bool = False
 
 
 @dataclass(frozen=True)

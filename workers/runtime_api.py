@@ -6,6 +6,10 @@ instead. The server listens on a Unix socket that is bind-mounted into the sandb
 sandbox needs no network. The execution environment drives it with ``wait_init()`` and
 ``invoke()``, and calls ``abort()`` when the sandbox dies or runs out of time.
 
+A pre-started runtime, started before its function was known, first long-polls Lambent's own
+``GET /2018-06-01/lambent/assignment``; the worker answers it with ``assign()``, handing over
+the function's environment, and from there on the runtime starts as any other would.
+
 One invocation runs at a time. Everything here runs on the worker's event loop, so the
 hand-over between ``invoke()`` and the runtime's requests needs no locks.
 """
@@ -28,6 +32,7 @@ from app.logging import get_logger
 log = get_logger(__name__)
 
 _PREFIX = "/2018-06-01/runtime"
+ASSIGNMENT_PATH = "/2018-06-01/lambent/assignment"
 _ACCEPTED = b'{"status":"OK"}'
 _JSON = "application/json"
 
@@ -89,9 +94,22 @@ class _Invocation:
 class RuntimeApiServer:
     """Serves the Runtime API for one execution environment on a Unix socket."""
 
-    def __init__(self, socket_path: Path, *, max_response_bytes: int = 6 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        *,
+        max_response_bytes: int = 6 * 1024 * 1024,
+        prestarted: bool = False,
+    ) -> None:
         self.socket_path = Path(socket_path)
         self.max_response_bytes = max_response_bytes
+        self.prestarted = prestarted
+        # A pre-started runtime's pending assignment poll, and what answers it: the function's
+        # environment, or None once the server is gone.
+        self._assignment: asyncio.Future[dict[str, str] | None] | None = None
+        self._assignment_poll: web.Request | None = None
+        self._assignment_polled = asyncio.Event()
+        self._assignment_delivered = False
         self._runner: web.AppRunner | None = None
         self._init: asyncio.Future[InitFailure | None] | None = None
         self._current: _Invocation | None = None
@@ -107,11 +125,14 @@ class RuntimeApiServer:
             raise RuntimeError(f"runtime API server on {self.socket_path} is already started")
 
         self._init = asyncio.get_running_loop().create_future()
+        if self.prestarted:
+            self._assignment = asyncio.get_running_loop().create_future()
         app = web.Application(client_max_size=self.max_response_bytes + _BODY_MARGIN_BYTES)
         app.router.add_get(f"{_PREFIX}/invocation/next", self._handle_next, allow_head=False)
         app.router.add_post(f"{_PREFIX}/invocation/{{request_id}}/response", self._handle_response)
         app.router.add_post(f"{_PREFIX}/invocation/{{request_id}}/error", self._handle_error)
         app.router.add_post(f"{_PREFIX}/init/error", self._handle_init_error)
+        app.router.add_get(ASSIGNMENT_PATH, self._handle_assignment, allow_head=False)
         app.router.add_route("*", "/{path:.*}", self._handle_unknown)
 
         runner = web.AppRunner(
@@ -146,6 +167,32 @@ class RuntimeApiServer:
             raise RuntimeError("the runtime API server is not started")
         # Shielded so that a caller giving up does not erase the outcome for the next caller.
         return await asyncio.shield(self._init)
+
+    @property
+    def awaiting_assignment(self) -> bool:
+        """True while a pre-started runtime is polling for its assignment on a live connection."""
+        poll = self._assignment_poll
+        if poll is None or self._assignment is None or self._assignment.done():
+            return False
+        transport = poll.transport
+        return transport is not None and not transport.is_closing()
+
+    async def wait_for_assignment_poll(self) -> None:
+        """Wait until the pre-started runtime first asks for its assignment: it is ready."""
+        await self._assignment_polled.wait()
+
+    def assign(self, environment: dict[str, str]) -> bool:
+        """Answer the pre-started runtime's assignment poll with its function's environment.
+
+        False, and nothing is handed over, when the runtime is not polling for one (it died, or
+        was already assigned); the caller should not count on this runtime then.
+        """
+        if self._assignment is None:
+            raise RuntimeError(f"the runtime API server on {self.socket_path} is not pre-started")
+        if not self.awaiting_assignment:
+            return False
+        self._assignment.set_result(dict(environment))
+        return True
 
     async def invoke(
         self,
@@ -196,6 +243,8 @@ class RuntimeApiServer:
 
         if self._init is not None and not self._init.done():
             _fail(self._init, error)
+        if self._assignment is not None and not self._assignment.done():
+            self._assignment.set_result(None)
         if self._current is not None:
             if not self._current.reply.done():
                 _fail(self._current.reply, error)
@@ -295,6 +344,32 @@ class RuntimeApiServer:
 
         self._init.set_result(InitFailure(_error_type(request, body), body))
         return web.Response(status=202, body=_ACCEPTED, content_type=_JSON)
+
+    async def _handle_assignment(self, request: web.Request) -> web.Response:
+        """Long-poll, from a pre-started runtime, for the environment of its function."""
+        if self._assignment is None:
+            return _error(404, "NotFound", "This runtime was not pre-started")
+        if self._assignment_delivered:
+            return _error(403, "InvalidStateTransition", "The assignment was already handed out")
+
+        self._assignment_poll = request
+        self._assignment_polled.set()
+        try:
+            environment = await asyncio.shield(self._assignment)
+        finally:
+            if self._assignment_poll is request:
+                self._assignment_poll = None
+        if environment is None:
+            return _error(503, "RuntimeGone", f"No assignment: {self._gone}")
+        # Two polls can wake on one assignment (a runtime that reconnected); one gets it.
+        if self._assignment_delivered:
+            return _error(403, "InvalidStateTransition", "The assignment was already handed out")
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            # Kept for the runtime's next poll rather than written to a closed connection.
+            return _error(503, "ConnectionClosed", "The runtime closed this connection")
+        self._assignment_delivered = True
+        return web.json_response({"environment": environment})
 
     async def _handle_unknown(self, request: web.Request) -> web.Response:
         """Answer any other path or method."""

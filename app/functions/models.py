@@ -16,8 +16,13 @@ class Function(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(64))
-    runtime: Mapped[str] = mapped_column(String(32))
+    # "Zip": code for one of Lambent's runtimes. "Image": a container image, which brings its own
+    # runtime (so runtime is None) and is either uploaded (its archive is the code blob, and
+    # image_uri its image id) or named by reference (image_uri; no blob).
+    package_type: Mapped[str] = mapped_column(String(8), default="Zip", server_default="Zip")
+    runtime: Mapped[str | None] = mapped_column(String(32), nullable=True)
     handler: Mapped[str] = mapped_column(String(128))
+    image_uri: Mapped[str | None] = mapped_column(String(255), nullable=True)
     memory_mb: Mapped[int] = mapped_column(Integer)
     timeout_s: Mapped[int] = mapped_column(Integer)
     environment: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

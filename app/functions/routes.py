@@ -20,6 +20,7 @@ from app.functions.schemas import (
     FunctionList,
     FunctionOut,
     FunctionUpdate,
+    ImageSource,
     InstanceList,
     InstanceOut,
     ProvisionedConcurrencyConfig,
@@ -27,6 +28,7 @@ from app.functions.schemas import (
     ReservedConcurrency,
 )
 from app.http import limited_request, read_limited
+from app.packages.errors import PackageTooLarge
 from app.packages.spool import SpooledPackage, spool_stream
 from app.platform import Platform, get_platform
 from app.tenants.schemas import ResourceName
@@ -38,6 +40,7 @@ router = APIRouter(prefix="/v1/functions", tags=["functions"])
 JSON_OVERHEAD_BYTES = 64 * 1024
 MULTIPART_FIELDS = (
     "name",
+    "package_type",
     "runtime",
     "handler",
     "memory_mb",
@@ -51,8 +54,10 @@ def function_out(platform: Platform, fn: Function) -> FunctionOut:
     return FunctionOut(
         name=fn.name,
         arn=service.function_arn(platform, fn.tenant_id, fn.name),
+        package_type=fn.package_type,
         runtime=fn.runtime,
         handler=fn.handler,
+        image_uri=fn.image_uri,
         memory_mb=fn.memory_mb,
         timeout_s=fn.timeout_s,
         environment=fn.environment,
@@ -90,13 +95,17 @@ def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def _multipart_schema(with_config: bool) -> dict[str, Any]:
-    properties: dict[str, Any] = {"code": {"type": "string", "format": "binary"}}
-    required = ["code"]
+    # "code" holds a zip package; "image" a `docker save` archive (package_type Image).
+    properties: dict[str, Any] = {
+        "code": {"type": "string", "format": "binary"},
+        "image": {"type": "string", "format": "binary"},
+    }
+    required = []
     if with_config:
         for field in MULTIPART_FIELDS:
             properties[field] = {"type": "string"}
         properties["environment"]["description"] = "A JSON object of strings"
-        required += ["name", "runtime", "handler"]
+        required += ["name"]
     return {"type": "object", "properties": properties, "required": required}
 
 
@@ -104,33 +113,54 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def _multipart(request: Request, platform: Platform) -> tuple[dict[str, str], SpooledPackage]:
-    """Parse a multipart upload: plain fields, and the zip streamed to disk as it arrives."""
-    limit = platform.settings.max_zipped_bytes + JSON_OVERHEAD_BYTES
+async def _multipart(
+    request: Request, platform: Platform
+) -> tuple[dict[str, str], SpooledPackage | service.ImagePackage]:
+    """Parse a multipart upload: plain fields, and the package streamed to disk as it arrives.
+
+    The package is a zip in a file part 'code', or a container image archive in one 'image'.
+    """
+    settings = platform.settings
+    limit = max(settings.max_zipped_bytes, settings.max_image_bytes) + JSON_OVERHEAD_BYTES
     bounded = limited_request(request, limit, service.too_large(platform))
     try:
         async with bounded.form(max_files=1, max_fields=len(MULTIPART_FIELDS)) as form:
-            code = form.get("code")
-            if not isinstance(code, UploadFile):
+            part = next((p for p in ("code", "image") if isinstance(form.get(p), UploadFile)), None)
+            if part is None:
                 raise InvalidParameterValue(
-                    "the multipart body needs the zip as a file part 'code'"
+                    "the multipart body needs the zip as a file part 'code', or a container "
+                    "image archive as a file part 'image'"
                 )
+            upload = form[part]
+            assert isinstance(upload, UploadFile)
 
             async def chunks():  # type: ignore[no-untyped-def]
-                while chunk := await code.read(1024 * 1024):
+                while chunk := await upload.read(1024 * 1024):
                     yield chunk
 
-            package = await spool_stream(
-                chunks(),
-                service.upload_dir(platform),
-                max_bytes=platform.settings.max_zipped_bytes,
-            )
+            max_bytes = settings.max_zipped_bytes if part == "code" else settings.max_image_bytes
+            try:
+                spooled = await spool_stream(
+                    chunks(), service.upload_dir(platform), max_bytes=max_bytes
+                )
+            except PackageTooLarge:
+                if part == "code":
+                    raise
+                raise service.image_too_large(platform) from None
             fields = {k: v for k, v in form.items() if isinstance(v, str)}
     except HTTPException as exc:
         # Starlette answers a malformed or over-long form with a bare 400; callers match on
         # the platform's error types instead.
         raise InvalidRequestContent(f"the multipart body is not valid: {exc.detail}") from None
-    return fields, package
+    if part == "image":
+        return fields, service.ImagePackage(archive=spooled)
+    return fields, spooled
+
+
+def _json_limit(platform: Platform) -> int:
+    """The largest JSON body with a package in base64 (a third larger than the package)."""
+    largest = max(platform.settings.max_zipped_bytes, service.IMAGE_JSON_MAX_BYTES)
+    return largest * 4 // 3 + JSON_OVERHEAD_BYTES
 
 
 CREATE_BODY = {
@@ -156,7 +186,9 @@ async def create_function(
     tenant_id: str = Depends(require_tenant),
     platform: Platform = Depends(get_platform),
 ) -> FunctionOut:
-    """Create a function from a zip package (JSON with base64, or multipart for large zips)."""
+    """Create a function from a zip package or a container image (JSON with base64, or
+    multipart for large packages)."""
+    package: SpooledPackage | service.ImagePackage
     if _media_type(request) == "multipart/form-data":
         fields, package = await _multipart(request, platform)
         try:
@@ -170,11 +202,16 @@ async def create_function(
             package.discard()
             raise
     else:
-        limit = platform.settings.max_zipped_bytes * 4 // 3 + JSON_OVERHEAD_BYTES
-        raw = await read_limited(request, limit, service.too_large(platform))
+        raw = await read_limited(request, _json_limit(platform), service.too_large(platform))
         body = FunctionCreate.model_validate_json(raw or b"{}")
-        config = FunctionConfig.model_validate(body.model_dump(exclude={"code"}))
-        package = service.spool_base64(platform, body.code.zip_base64)
+        config = FunctionConfig.model_validate(body.model_dump(exclude={"code", "image"}))
+        if body.image is not None:
+            package = service.image_package(
+                platform, body.image.reference, body.image.archive_base64
+            )
+        else:
+            assert body.code is not None
+            package = service.spool_base64(platform, body.code.zip_base64)
 
     fn = await service.create_function(platform, tenant_id, config, package)
     return function_out(platform, fn)
@@ -220,9 +257,16 @@ CODE_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": _inline_schema(CodeZip)},
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "description": "A zip for a Zip function, an image for an Image one",
+                    "oneOf": [_inline_schema(CodeZip), _inline_schema(ImageSource)],
+                }
+            },
             "multipart/form-data": {"schema": _multipart_schema(with_config=False)},
             "application/zip": {"schema": {"type": "string", "format": "binary"}},
+            "application/x-tar": {"schema": {"type": "string", "format": "binary"}},
         },
     }
 }
@@ -235,22 +279,35 @@ async def update_function_code(
     tenant_id: str = Depends(require_tenant),
     platform: Platform = Depends(get_platform),
 ) -> FunctionOut:
-    """Replace a function's code (JSON with base64, multipart, or a raw application/zip body)."""
+    """Replace a function's code: a zip for a Zip function (JSON with base64, multipart, or a raw
+    application/zip body), an image for an Image one (JSON `{"archive_base64"}` or
+    `{"reference"}`, multipart `image`, or a raw application/x-tar body)."""
     media_type = _media_type(request)
-    await service.get_function(platform, tenant_id, name)  # 404 before reading a large body
+    # 404 before reading a large body.
+    current = await service.get_function(platform, tenant_id, name)
+    image = current.package_type == "Image"
+    package: SpooledPackage | service.ImagePackage
     if media_type == "multipart/form-data":
         _, package = await _multipart(request, platform)
-    elif media_type in ("application/zip", "application/octet-stream"):
-        package = await spool_stream(
-            request.stream(),
-            service.upload_dir(platform),
-            max_bytes=platform.settings.max_zipped_bytes,
-        )
+    elif media_type in ("application/zip", "application/octet-stream", "application/x-tar"):
+        limit = platform.settings.max_image_bytes if image else platform.settings.max_zipped_bytes
+        try:
+            spooled = await spool_stream(
+                request.stream(), service.upload_dir(platform), max_bytes=limit
+            )
+        except PackageTooLarge:
+            if not image:
+                raise
+            raise service.image_too_large(platform) from None
+        package = service.ImagePackage(archive=spooled) if image else spooled
     else:
-        limit = platform.settings.max_zipped_bytes * 4 // 3 + JSON_OVERHEAD_BYTES
-        raw = await read_limited(request, limit, service.too_large(platform))
-        code = TypeAdapter(CodeZip).validate_json(raw or b"{}")
-        package = service.spool_base64(platform, code.zip_base64)
+        raw = await read_limited(request, _json_limit(platform), service.too_large(platform))
+        if image:
+            source = TypeAdapter(ImageSource).validate_json(raw or b"{}")
+            package = service.image_package(platform, source.reference, source.archive_base64)
+        else:
+            code = TypeAdapter(CodeZip).validate_json(raw or b"{}")
+            package = service.spool_base64(platform, code.zip_base64)
     fn = await service.update_code(platform, tenant_id, name, package)
     return function_out(platform, fn)
 

@@ -4,12 +4,28 @@ import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from app.tenants.schemas import ResourceName
 
-Runtime = Literal["python3.11", "provided"]
+Runtime = Literal["python3.11", "nodejs20.x", "provided"]
 Handler = Annotated[str, StringConstraints(pattern=r"^[^\s]{1,128}$")]
+PackageType = Literal["Zip", "Image"]
+# name[:tag] of an image on the workers; digests and ids are not accepted (see ImageSource).
+ImageReference = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$",
+        max_length=255,
+    ),
+]
 
 ENV_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 ENV_MAX_BYTES = 4096  # Lambda's limit on all variables together
@@ -54,6 +70,39 @@ class CodeZip(BaseModel):
     zip_base64: str = Field(description="The zip package, base64-encoded")
 
 
+class ImageSource(BaseModel):
+    """A container image: an uploaded archive, or an image an operator put on the workers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    archive_base64: str | None = Field(
+        None,
+        description="A `docker save` archive of one image, base64-encoded (up to 256 MB this "
+        "way; larger ones as the multipart file part `image`)",
+    )
+    reference: ImageReference | None = Field(
+        None,
+        description="name:tag of an image already on the workers; the operator decides which "
+        "names functions may use (LAMBENT_IMAGE_REFERENCE_PATTERNS)",
+    )
+
+    @field_validator("reference")
+    @classmethod
+    def _a_name(cls, value: str | None) -> str | None:
+        # The engine takes "sha256:<id>", and a bare hex string as the prefix of an image id,
+        # so such a reference could run any image on the worker, another tenant's included.
+        repository = (value or "").rpartition(":")[0] or (value or "")
+        if value is not None and (repository == "sha256" or re.fullmatch("[0-9a-f]+", repository)):
+            raise ValueError("image ids and digests are not accepted; name the image")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageSource:
+        if (self.archive_base64 is None) == (self.reference is None):
+            raise ValueError("give exactly one of archive_base64 and reference")
+        return self
+
+
 class FunctionSettings(BaseModel):
     """The configuration fields shared by create and update."""
 
@@ -67,16 +116,41 @@ class FunctionSettings(BaseModel):
 
 class FunctionConfig(FunctionSettings):
     name: ResourceName
-    runtime: Runtime
-    handler: Handler = Field(description="module.function for python3.11; free text for provided")
+    package_type: PackageType = Field(
+        "Zip", description="Zip: code for a runtime of Lambent's; Image: a container image"
+    )
+    runtime: Runtime | None = Field(None, description="Required for Zip; none for Image")
+    handler: Handler | None = Field(
+        None,
+        description="module.function for python3.11, file.function for nodejs20.x, free text for "
+        "provided (required for Zip). For Image, optional: passed as _HANDLER, which is "
+        "otherwise the image's command",
+    )
     memory_mb: MemoryMb = 128
     timeout_s: TimeoutS = 3
     environment: dict[str, str] = Field(default_factory=dict)
     description: Description = ""
 
+    @model_validator(mode="after")
+    def _fields_of_the_package_type(self) -> FunctionConfig:
+        if self.package_type == "Zip" and (self.runtime is None or self.handler is None):
+            raise ValueError("a Zip function needs a runtime and a handler")
+        if self.package_type == "Image" and self.runtime is not None:
+            raise ValueError("an Image function has no runtime: its image brings its own")
+        return self
+
 
 class FunctionCreate(FunctionConfig):
-    code: CodeZip
+    code: CodeZip | None = Field(None, description="The zip package (package_type Zip)")
+    image: ImageSource | None = Field(None, description="The container image (package_type Image)")
+
+    @model_validator(mode="after")
+    def _package_of_the_type(self) -> FunctionCreate:
+        if self.package_type == "Zip" and (self.code is None or self.image is not None):
+            raise ValueError("a Zip function takes code, and no image")
+        if self.package_type == "Image" and (self.image is None or self.code is not None):
+            raise ValueError("an Image function takes image, and no code")
+        return self
 
 
 class FunctionUpdate(FunctionSettings):
@@ -91,13 +165,18 @@ class FunctionUpdate(FunctionSettings):
 class FunctionOut(BaseModel):
     name: str
     arn: str
-    runtime: str
+    package_type: str
+    runtime: str | None = Field(description="None for a container image function")
     handler: str
+    image_uri: str | None = Field(
+        description="An Image function's image: the reference it names, or for an uploaded "
+        "archive the image's id"
+    )
     memory_mb: int
     timeout_s: int
     environment: dict[str, str]
     description: str
-    code_sha256: str
+    code_sha256: str = Field(description="The zip's, or the uploaded image archive's; '' otherwise")
     code_size: int
     reserved_concurrency: int | None = Field(
         description="None when the function has no reservation"

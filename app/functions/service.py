@@ -6,15 +6,18 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import fnmatch
 import os
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
 
+from app.billing.provisioned import record_provisioned_change
 from app.db import utcnow
 from app.errors import InvalidParameterValue, ResourceConflict, ResourceNotFound
 from app.functions.cache import CachedFunction, TenantLimits
@@ -22,6 +25,7 @@ from app.functions.models import Function
 from app.functions.schemas import FunctionConfig, FunctionUpdate
 from app.logging import get_logger
 from app.packages.errors import PackageTooLarge
+from app.packages.images import ImageArchive, read_archive
 from app.packages.spool import SpooledPackage, spool_bytes
 from app.packages.validation import PackageLimits, inspect_zip
 from app.platform import Platform
@@ -33,6 +37,20 @@ from workers.protocol import InstanceSpec
 log = get_logger(__name__)
 
 UPDATE_ATTEMPTS = 5
+# An image archive inside a JSON body is held in memory whole; larger ones go as multipart.
+IMAGE_JSON_MAX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class ImagePackage:
+    """What an Image function is made from: an uploaded archive, or a reference."""
+
+    archive: SpooledPackage | None = None
+    reference: str | None = None
+
+    def discard(self) -> None:
+        if self.archive is not None:
+            self.archive.discard()
 
 
 class FunctionNotFound(ResourceNotFound):
@@ -53,13 +71,15 @@ def to_spec(platform: Platform, fn: Function) -> InstanceSpec:
         function_id=fn.id,
         function_name=fn.name,
         revision=fn.revision,
-        runtime=fn.runtime,
+        runtime=fn.runtime or "",
         handler=fn.handler,
         memory_mb=fn.memory_mb,
         timeout_s=fn.timeout_s,
         code_sha256=fn.code_sha256,
         environment=dict(fn.environment),
         function_arn=function_arn(platform, fn.tenant_id, fn.name),
+        package_type=fn.package_type,
+        image=fn.image_uri,
     )
 
 
@@ -89,6 +109,70 @@ def spool_base64(platform: Platform, encoded: str) -> SpooledPackage:
     except (binascii.Error, ValueError):
         raise InvalidParameterValue("code.zip_base64 is not valid base64") from None
     return spool_bytes(data, upload_dir(platform), max_bytes=platform.settings.max_zipped_bytes)
+
+
+def image_package(platform: Platform, reference: str | None, encoded: str | None) -> ImagePackage:
+    """The image of a JSON request: a reference, or an archive in base64 spooled to disk."""
+    if reference is not None:
+        return ImagePackage(reference=reference)
+    try:
+        data = base64.b64decode(encoded or "", validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidParameterValue("image.archive_base64 is not valid base64") from None
+    limit = min(platform.settings.max_image_bytes, IMAGE_JSON_MAX_BYTES)
+    return ImagePackage(archive=spool_bytes(data, upload_dir(platform), max_bytes=limit))
+
+
+def image_too_large(platform: Platform) -> PackageTooLarge:
+    limit = platform.settings.max_image_bytes
+    return PackageTooLarge(
+        f"The image archive is larger than the limit of {limit} bytes.", limit_bytes=limit
+    )
+
+
+def _require_image_workers(platform: Platform) -> None:
+    if not any(
+        getattr(worker, "sandbox", None) == "docker" for worker in platform.scheduler.workers
+    ):
+        raise InvalidParameterValue(
+            "Container images run only on workers of the Docker sandbox, and this platform has "
+            "none: its operator can start workers with LAMBENT_SANDBOX=docker."
+        )
+
+
+async def _accept_image(platform: Platform, image: ImagePackage) -> ImageArchive | None:
+    """Check an Image function's image; an uploaded archive is stored, rewritten without names.
+
+    The caller discards the archive returned once the function is committed.
+    """
+    _require_image_workers(platform)
+    if image.archive is None:
+        assert image.reference is not None
+        await _check_reference(platform, image.reference)
+        return None
+    archive = await asyncio.to_thread(read_archive, image.archive.path, upload_dir(platform))
+    try:
+        await platform.store.put_file(archive.sha256, archive.path)
+    except BaseException:
+        archive.discard()
+        raise
+    return archive
+
+
+async def _check_reference(platform: Platform, reference: str) -> None:
+    patterns = [p.strip() for p in platform.settings.image_reference_patterns.split(",")]
+    if not any(pattern and fnmatch.fnmatchcase(reference, pattern) for pattern in patterns):
+        raise InvalidParameterValue(
+            f"Image {reference!r} is not one that functions may use; the operator allows "
+            f"{', '.join(p for p in patterns if p) or 'none'}.",
+            image=reference,
+        )
+    # Only the embedded worker can be asked; remote ones report a missing image when they
+    # start the function (Lambent.ImageNotFound).
+    worker = platform.worker
+    has_image = getattr(worker.backend, "has_image", None) if worker is not None else None
+    if has_image is not None and not await has_image(reference):
+        raise InvalidParameterValue(f"No image {reference!r} is on the workers.", image=reference)
 
 
 async def _accept_package(
@@ -121,6 +205,8 @@ async def _check_handler(platform: Platform, sha256: str, runtime: str, handler:
 
 async def collect_blob(platform: Platform, sha256: str) -> None:
     """Delete a package blob that no function refers to any more."""
+    if not sha256:  # an image given by reference has none
+        return
     async with platform.db.sessionmaker() as session:
         refs = await session.scalar(
             select(func.count()).select_from(Function).where(Function.code_sha256 == sha256)
@@ -129,17 +215,41 @@ async def collect_blob(platform: Platform, sha256: str) -> None:
         await platform.store.delete(sha256)
 
 
-async def _ensure_blob(platform: Platform, package: SpooledPackage) -> None:
+async def _ensure_blob(platform: Platform, package: SpooledPackage | ImageArchive) -> None:
     # A concurrent delete may have collected the blob between our put and our commit (it saw
     # no reference yet); putting it again closes that window.
     if not await platform.store.exists(package.sha256):
         await platform.store.put_file(package.sha256, package.path)
 
 
+async def _accept(
+    platform: Platform, config: FunctionConfig, package: SpooledPackage | ImagePackage
+) -> tuple[SpooledPackage | ImageArchive | None, dict[str, object]]:
+    """Check and store a new package; the stored file (if any) and the columns it sets."""
+    if isinstance(package, ImagePackage):
+        if config.package_type != "Image":
+            raise InvalidParameterValue("a container image is for package_type Image only")
+        archive = await _accept_image(platform, package)
+        columns = {
+            "code_sha256": archive.sha256 if archive else "",
+            "code_size": archive.size if archive else 0,
+            "image_uri": archive.image_id if archive else package.reference,
+        }
+        return archive, columns
+    if config.package_type != "Zip" or config.runtime is None or config.handler is None:
+        raise InvalidParameterValue("a zip package is for package_type Zip only")
+    await _accept_package(platform, package, config.runtime, config.handler)
+    return package, {"code_sha256": package.sha256, "code_size": package.size, "image_uri": None}
+
+
 async def create_function(
-    platform: Platform, tenant_id: str, config: FunctionConfig, package: SpooledPackage
+    platform: Platform,
+    tenant_id: str,
+    config: FunctionConfig,
+    package: SpooledPackage | ImagePackage,
 ) -> Function:
     scope = TenantScope(tenant_id)
+    stored: SpooledPackage | ImageArchive | None = None
     try:
         async with platform.db.sessionmaker() as session:
             taken = await session.scalar(
@@ -149,36 +259,39 @@ async def create_function(
                 raise FunctionNameTaken(
                     f"a function named {config.name!r} already exists", name=config.name
                 )
-            await _accept_package(platform, package, config.runtime, config.handler)
+            stored, columns = await _accept(platform, config, package)
 
             now = utcnow()
             fn = Function(
                 id=uuid.uuid4().hex,
                 tenant_id=tenant_id,
                 name=config.name,
+                package_type=config.package_type,
                 runtime=config.runtime,
-                handler=config.handler,
+                handler=config.handler or "",
                 memory_mb=config.memory_mb,
                 timeout_s=config.timeout_s,
                 environment=config.environment,
                 description=config.description,
-                code_sha256=package.sha256,
-                code_size=package.size,
                 created_at=now,
                 updated_at=now,
+                **columns,
             )
             session.add(fn)
             try:
                 await session.commit()
             except IntegrityError:
                 await session.rollback()
-                await collect_blob(platform, package.sha256)
+                await collect_blob(platform, fn.code_sha256)
                 raise FunctionNameTaken(
                     f"a function named {config.name!r} already exists", name=config.name
                 ) from None
-            await _ensure_blob(platform, package)
+            if stored is not None:
+                await _ensure_blob(platform, stored)
     finally:
         package.discard()
+        if isinstance(stored, ImageArchive):
+            stored.discard()
     log.info("function created", tenant_id=tenant_id, function=fn.name, code_sha256=fn.code_sha256)
     return fn
 
@@ -252,6 +365,18 @@ async def _set_concurrency_columns(
         if fn is None:
             raise FunctionNotFound(f"function {name!r} does not exist", name=name)
         await session.execute(update(Function).where(Function.id == fn.id).values(**values))
+        count = values.get("provisioned_concurrency")
+        if count is not None and count != fn.provisioned_concurrency:
+            # Billed from this history; it commits with the setting or not at all.
+            await record_provisioned_change(
+                session,
+                tenant_id=tenant_id,
+                function_id=fn.id,
+                function_name=fn.name,
+                memory_mb=fn.memory_mb,
+                count=count,
+                at=utcnow(),
+            )
         await session.commit()
         await session.refresh(fn)
     platform.functions.forget(tenant_id, name)
@@ -334,9 +459,21 @@ async def _apply_update(
             )
             if fn is None:
                 raise FunctionNotFound(f"function {name!r} does not exist", name=name)
+            memory_before = fn.memory_mb
             for field, value in changes.items():
                 setattr(fn, field, value)
             fn.updated_at = utcnow()
+            if fn.provisioned_concurrency and fn.memory_mb != memory_before:
+                # Provisioned concurrency is billed by memory: a new size starts a new stretch.
+                await record_provisioned_change(
+                    session,
+                    tenant_id=tenant_id,
+                    function_id=fn.id,
+                    function_name=fn.name,
+                    memory_mb=fn.memory_mb,
+                    count=fn.provisioned_concurrency,
+                    at=fn.updated_at,
+                )
             try:
                 await session.commit()
             except StaleDataError:
@@ -361,27 +498,42 @@ async def update_configuration(
     current = await get_function(platform, tenant_id, name)
     if not changes:
         return current
-    runtime = str(changes.get("runtime", current.runtime))
-    handler = str(changes.get("handler", current.handler))
-    if (runtime, handler) != (current.runtime, current.handler):
-        await _check_handler(platform, current.code_sha256, runtime, handler)
+    if current.package_type == "Image":
+        if "runtime" in changes:
+            raise InvalidParameterValue(
+                "an Image function has no runtime: its image brings its own", name=name
+            )
+    else:
+        runtime = str(changes.get("runtime", current.runtime))
+        handler = str(changes.get("handler", current.handler))
+        if (runtime, handler) != (current.runtime, current.handler):
+            await _check_handler(platform, current.code_sha256, runtime, handler)
     fn = await _apply_update(platform, tenant_id, name, changes)
     log.info("function configuration changed", tenant_id=tenant_id, function=name)
     return fn
 
 
 async def update_code(
-    platform: Platform, tenant_id: str, name: str, package: SpooledPackage
+    platform: Platform, tenant_id: str, name: str, package: SpooledPackage | ImagePackage
 ) -> Function:
+    """New code: a zip for a Zip function, an image for an Image one."""
+    stored: SpooledPackage | ImageArchive | None = None
     try:
         current = await get_function(platform, tenant_id, name)
-        await _accept_package(platform, package, current.runtime, current.handler)
-        fn = await _apply_update(
-            platform, tenant_id, name, {"code_sha256": package.sha256, "code_size": package.size}
+        config = FunctionConfig(
+            name=current.name,
+            package_type=current.package_type,  # type: ignore[arg-type]
+            runtime=current.runtime,  # type: ignore[arg-type]
+            handler=current.handler or None,
         )
-        await _ensure_blob(platform, package)
+        stored, columns = await _accept(platform, config, package)
+        fn = await _apply_update(platform, tenant_id, name, columns)
+        if stored is not None:
+            await _ensure_blob(platform, stored)
     finally:
         package.discard()
+        if isinstance(stored, ImageArchive):
+            stored.discard()
     if current.code_sha256 != fn.code_sha256:
         await collect_blob(platform, current.code_sha256)
     log.info(
@@ -397,6 +549,16 @@ async def delete_function(platform: Platform, tenant_id: str, name: str) -> None
         )
         if fn is None:
             raise FunctionNotFound(f"function {name!r} does not exist", name=name)
+        if fn.provisioned_concurrency:
+            await record_provisioned_change(
+                session,
+                tenant_id=tenant_id,
+                function_id=fn.id,
+                function_name=fn.name,
+                memory_mb=fn.memory_mb,
+                count=0,
+                at=utcnow(),
+            )
         await session.delete(fn)
         await session.commit()
     platform.functions.forget(tenant_id, name)

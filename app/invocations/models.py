@@ -21,6 +21,8 @@ class Invocation(Base):
     status: Mapped[str] = mapped_column(String(16))
     error_type: Mapped[str | None] = mapped_column(String(64), nullable=True)
     cold_start: Mapped[bool] = mapped_column(Boolean)
+    # How a cold start's instance came up: "fresh" or "prestarted"; None when warm.
+    start_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
     duration_ns: Mapped[int] = mapped_column(BigInteger)
     billed_ms: Mapped[int] = mapped_column(BigInteger)
     init_duration_ns: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

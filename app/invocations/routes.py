@@ -34,6 +34,7 @@ def _summary_fields(row: Invocation) -> dict[str, object]:
         "status": row.status,
         "error_type": row.error_type,
         "cold_start": row.cold_start,
+        "start_kind": row.start_kind,
         "duration_ms": round(row.duration_ns / 1_000_000, 3),
         "billed_duration_ms": row.billed_ms,
         "init_duration_ms": (

@@ -11,6 +11,10 @@ class InvocationSummary(BaseModel):
     status: str = Field(description="success, error or timeout")
     error_type: str | None
     cold_start: bool
+    start_kind: str | None = Field(
+        description="For a cold start: 'prestarted' when a pre-started sandbox took the function "
+        "on (init only loaded its code), 'fresh' when a new sandbox started; null when warm"
+    )
     duration_ms: float
     billed_duration_ms: int
     init_duration_ms: float | None

@@ -9,11 +9,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import insert
-
 from app.functions import service as functions
 from app.functions.cache import CachedFunction
-from app.invocations.models import Invocation
 from app.logging import get_logger
 from app.metering import recorder
 from app.metering.service import billed_ms
@@ -148,6 +145,7 @@ async def invoke(platform: Platform, cached: CachedFunction, payload: bytes) -> 
         "status": status.value,
         "error_type": error_type,
         "cold_start": scheduled.cold_start,
+        "start_kind": start_kind(scheduled),
         "duration_ns": duration_ns,
         "billed_ms": billed,
         "init_duration_ns": init_duration_ns,
@@ -171,10 +169,7 @@ async def invoke(platform: Platform, cached: CachedFunction, payload: bytes) -> 
         "init_billed_ms": billed_ms(init_duration_ns or 0),
     }
     # One transaction: the final status and the usage record exist together or not at all.
-    # Core inserts, not the ORM: this runs on every invocation.
-    async with platform.db.engine.begin() as connection:
-        await connection.execute(insert(Invocation), [invocation_row])
-        await recorder.record_usage(platform, connection, usage_row)
+    await platform.writer.write(invocation_row, usage_row)
 
     _observe(platform, spec, scheduled, status, error_type, duration_ns)
     if status is not InvocationStatus.SUCCESS:
@@ -209,6 +204,12 @@ def _observe(
         metrics.cold_starts.labels(*labels).inc()
         metrics.init_duration.labels(*labels).observe(scheduled.start.init_duration_ns / 1e9)
         metrics.queue_wait.labels(*labels).observe(scheduled.queue_wait_s)
+
+
+def start_kind(scheduled: Scheduled) -> str | None:
+    if not scheduled.cold_start or scheduled.start is None:
+        return None
+    return "prestarted" if scheduled.start.prestarted else "fresh"
 
 
 def parse_event(payload: bytes) -> bytes:

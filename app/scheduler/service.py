@@ -2,9 +2,14 @@
 
 Idle instances are kept per function revision and reused most recently used first, so a steady
 load keeps as few instances warm as it needs and the rest age out after the keep-alive. A new
-instance goes to the worker with the most free memory; when no worker has room, idle instances
-are stopped, least recently used first, and failing that the request waits, bounded, for memory
-to free up.
+instance goes to the worker with the most free memory; when no worker has room, this scheduler's
+idle instances are stopped, least recently used first; then a worker whose own idle instances
+(another API process's) would make room is asked, and it stops them itself; failing that the
+request waits, bounded, for memory to free up.
+
+A scheduler stops only the instances it started: with several API processes, another's are
+not its to stop. Workers stop the idle instances that no API process looks after any more
+(workers/agent.py), so this scheduler tells them which ones it keeps for provisioned concurrency.
 
 Concurrency follows Lambda: a function with reserved concurrency R runs at most R invocations at
 once (R = 0 throttles it), and the tenant's other functions share what is left of the tenant's
@@ -29,8 +34,10 @@ from workers.protocol import (
     InstanceStatus,
     InvokeRequest,
     InvokeResult,
+    NoRoom,
     StartResult,
     WorkerUnavailable,
+    WorkerUnreachable,
 )
 
 log = get_logger(__name__)
@@ -46,6 +53,10 @@ class Throttled(TooManyRequests):
 class NoCapacity(ServiceUnavailable):
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(RETRY_AFTER_S)}
+
+
+class RoomTaken(NoCapacity):
+    """The worker chosen for a new instance had no room after all: another start took it."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,7 @@ class Scheduler:
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._every(self._reap_interval(), self.reap_idle)),
+            asyncio.create_task(self._every(self._reap_interval(), self.keep_provisioned)),
             asyncio.create_task(self._every(self.provisioned_check_s, self.ensure_provisioned)),
         ]
 
@@ -201,11 +213,12 @@ class Scheduler:
         deadline = waited_from + self.capacity_wait_s
 
         while True:
-            # An idle instance may have died since it was pooled; then try the next one.
+            # An idle instance may have died since it was pooled, or its worker may be
+            # unreachable; then try the next one.
             while (lease := self._take_idle(key)) is not None:
                 try:
                     result = await self._run(lease, request)
-                except InstanceGone:
+                except (InstanceGone, WorkerUnreachable):
                     self._forget(lease)
                     continue
                 return Scheduled(
@@ -216,13 +229,17 @@ class Scheduler:
                     result,
                     time.monotonic() - waited_from,
                 )
-            if await self._has_room(spec.memory_mb, set()):
-                break
-            # No room anywhere: wait for an instance to finish (it may be one of ours, which
-            # then serves this request warm) or for memory to free up.
-            await self._wait_for_freed(deadline, spec.memory_mb)
+            if await self._find_room(spec.memory_mb, self._unsuited(spec)) is None:
+                # No room anywhere: wait for an instance to finish (it may be one of ours, which
+                # then serves this request warm) or for memory to free up.
+                await self._wait_for_freed(deadline, spec.memory_mb)
+                continue
+            try:
+                lease, start = await self._start(spec)
+            except RoomTaken:
+                continue  # so wait as above: what took the room may serve this request warm
+            break
 
-        lease, start = await self._start(spec)
         queue_wait_s = max(0.0, time.monotonic() - waited_from - start.init_duration_ns / 1e9)
         if lease is None:
             return Scheduled(start.instance_id, "", True, start, None, queue_wait_s)
@@ -271,7 +288,8 @@ class Scheduler:
 
     async def _release(self, lease: Lease, result: InvokeResult) -> None:
         current = self._current_revision.get(lease.spec.function_id)
-        if not result.instance_alive:
+        if not result.instance_alive or self.live.get(lease.instance_id) is not lease:
+            # Dead, or forgotten while it ran (its worker left the pool).
             self._forget(lease)
         elif current == lease.spec.revision:
             self._pool(lease)
@@ -282,17 +300,21 @@ class Scheduler:
     async def _start(
         self, spec: InstanceSpec, *, provisioned: bool = False
     ) -> tuple[Lease | None, StartResult]:
-        tried: set[str] = set()
+        tried = self._unsuited(spec)
         while True:
             worker = await self._place(spec.memory_mb, exclude=tried)
             try:
                 start = await worker.start_instance(spec, provisioned=provisioned)
                 break
-            except WorkerUnavailable:
+            except (WorkerUnavailable, NoRoom) as exc:
                 # Nothing ran yet, so another worker may safely take it.
                 log.warning(
-                    "worker unavailable while starting an instance", worker=worker.worker_id
+                    "worker could not start an instance", worker=worker.worker_id, reason=str(exc)
                 )
+                if isinstance(exc, NoRoom) and not self._could_take(worker, spec.memory_mb):
+                    # Its refusal brought our view of it up to date: a concurrent start took
+                    # the room since this one was placed.
+                    raise RoomTaken(str(exc)) from exc
                 tried.add(worker.worker_id)
         if start.init_error_type is not None:
             await self._notify_freed()
@@ -302,10 +324,18 @@ class Scheduler:
         self.live[lease.instance_id] = lease
         return lease, start
 
-    async def _has_room(self, memory_mb: int, exclude: set[str]) -> bool:
-        return self._roomiest(memory_mb, exclude) is not None or await self._evict_for(
-            memory_mb, exclude
-        )
+    def _unsuited(self, spec: InstanceSpec) -> set[str]:
+        """Workers that cannot run the function at all: a container image needs Docker."""
+        if spec.package_type != "Image":
+            return set()
+        return {w.worker_id for w in self.workers if getattr(w, "sandbox", None) != "docker"}
+
+    async def _find_room(self, memory_mb: int, exclude: set[str]) -> WorkerClient | None:
+        """A worker that can take an instance of ``memory_mb`` now, making room if need be."""
+        worker = self._roomiest(memory_mb, exclude)
+        if worker is None and await self._evict_for(memory_mb, exclude):
+            worker = self._roomiest(memory_mb, exclude)
+        return worker or self._reclaiming(memory_mb, exclude)
 
     async def _wait_for_freed(self, deadline: float, memory_mb: int) -> None:
         remaining = deadline - time.monotonic()
@@ -321,10 +351,9 @@ class Scheduler:
     async def _place(self, memory_mb: int, *, exclude: set[str]) -> WorkerClient:
         deadline = time.monotonic() + self.capacity_wait_s
         while True:
-            if await self._has_room(memory_mb, exclude):
-                worker = self._roomiest(memory_mb, exclude)
-                if worker is not None:
-                    return worker
+            worker = await self._find_room(memory_mb, exclude)
+            if worker is not None:
+                return worker
             await self._wait_for_freed(deadline, memory_mb)
 
     def _roomiest(self, memory_mb: int, exclude: set[str]) -> WorkerClient | None:
@@ -334,6 +363,19 @@ class Scheduler:
             if w.free_mb >= memory_mb and w.worker_id not in exclude and w.healthy
         ]
         return max(candidates, key=lambda w: w.free_mb, default=None)
+
+    def _could_take(self, worker: WorkerClient, memory_mb: int) -> bool:
+        return worker.free_mb + worker.idle_mb >= memory_mb
+
+    def _reclaiming(self, memory_mb: int, exclude: set[str]) -> WorkerClient | None:
+        """The worker with the most room once it stops idle instances itself (any of ours
+        that could go are stopped already; the rest are other API processes')."""
+        candidates = [
+            w
+            for w in self.workers
+            if self._could_take(w, memory_mb) and w.worker_id not in exclude and w.healthy
+        ]
+        return max(candidates, key=lambda w: w.free_mb + w.idle_mb, default=None)
 
     async def _evict_for(self, memory_mb: int, exclude: set[str]) -> bool:
         """Stop idle instances, least recently used first, until some worker has room."""
@@ -463,6 +505,39 @@ class Scheduler:
                 return
             self._pool(lease)
         await self._notify_freed()
+
+    async def keep_provisioned(self) -> None:
+        """Tell each worker which of its instances are kept for provisioned concurrency.
+
+        The worker then does not stop them as abandoned or for room. One that is gone (its
+        worker stopped it anyway) is forgotten, so that ensure_provisioned replaces it.
+        """
+        kept: dict[str, list[Lease]] = {}
+        for lease in self.live.values():
+            if lease.provisioned:
+                kept.setdefault(lease.worker.worker_id, []).append(lease)
+        for leases in kept.values():
+            worker = leases[0].worker
+            try:
+                gone = set(await worker.keep_instances([lease.instance_id for lease in leases]))
+            except WorkerUnavailable:
+                continue  # its heartbeats tell whether it is gone
+            except Exception as exc:  # noqa: BLE001 - the other workers are still told
+                log.warning(
+                    "cannot tell a worker which instances are kept",
+                    worker_id=worker.worker_id,
+                    error=repr(exc),
+                )
+                continue
+            for lease in leases:
+                if lease.instance_id in gone and self.live.get(lease.instance_id) is lease:
+                    log.warning(
+                        "a provisioned instance is gone from its worker",
+                        instance_id=lease.instance_id,
+                        worker_id=worker.worker_id,
+                        function=lease.spec.function_name,
+                    )
+                    self._forget(lease)
 
     # Keep-alive.
 

@@ -8,6 +8,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
 from app.auth import OPERATOR_KEY_PREFIX, TENANT_KEY_PREFIX, hash_key, new_key
+from app.billing.provisioned import record_provisioned_change
+from app.db import utcnow
 from app.errors import ResourceConflict, ResourceNotFound
 from app.functions.models import Function
 from app.functions.service import collect_blob
@@ -70,6 +72,17 @@ async def delete_tenant(platform: Platform, session: AsyncSession, tenant_id: st
     )
     function_ids = [f.id for f in functions]
     packages = {f.code_sha256 for f in functions}
+    for fn in functions:
+        if fn.provisioned_concurrency:
+            await record_provisioned_change(
+                session,
+                tenant_id=tenant_id,
+                function_id=fn.id,
+                function_name=fn.name,
+                memory_mb=fn.memory_mb,
+                count=0,
+                at=utcnow(),
+            )
     await session.execute(delete(ApiKey).where(ApiKey.tenant_id == tenant_id))
     await session.execute(delete(Function).where(Function.tenant_id == tenant_id))
     await session.delete(tenant)

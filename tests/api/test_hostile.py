@@ -5,6 +5,10 @@ what the function saw (or on the Lambda error type that ended it), and then chec
 healthy function of another tenant still answers. Where the attempt targets something real on
 the host (a listening port, a file, another instance's secret), the test first confirms from the
 host side that the target exists, so a pass cannot come from attacking nothing.
+
+Every test runs against both sandboxes. Where they differ by design (the uid seen inside, what
+the root filesystem is, where an instance's control groups sit), the expectation is that
+backend's, never a looser one.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ import pytest
 from tests.support import Server, Tenant
 from workers import cgroups
 from workers.agent import resolve_sandbox_dir
+from workers.sandbox import docker as docker_sandbox
 from workers.sandbox.bubblewrap import ETC_FILES, SANDBOX_INNER_ID
+
+pytestmark = pytest.mark.both_sandboxes
 
 # The host uid every sandbox runs as (the default of LAMBENT_SANDBOX_UID, which the test server
 # does not override).
@@ -37,6 +44,26 @@ PIDS_MAX = 1024
 SANDBOX_MOUNT_POINTS = [
     "/", "/usr", "/etc", "/proc", "/dev", "/tmp", "/var/task", "/var/runtime", "/var/runtime/api"
 ]  # fmt: skip
+# A container's mounts below /dev, /proc and /sys are the engine's own (devices, masked kernel
+# files, its cgroups); the rest must be exactly these. The three files in /etc are the engine's,
+# written for this container alone.
+CONTAINER_MOUNT_POINTS = [
+    "/", "/proc", "/dev", "/sys", "/tmp", "/var/task", "/var/runtime", "/var/runtime/api",
+    docker_sandbox.INIT_DIR, "/usr/sbin/docker-init",
+    "/etc/resolv.conf", "/etc/hostname", "/etc/hosts",
+]  # fmt: skip
+
+
+def inner_uid(server: Server) -> int:
+    """The uid function code runs as: mapped from the host's by bubblewrap, the same in Docker."""
+    return SANDBOX_INNER_ID if server.sandbox == "process" else SANDBOX_UID
+
+
+def instance_group(server: Server, controller: str, instance_id: str) -> Path:
+    if server.sandbox == "docker":
+        return docker_sandbox.instance_cgroup(controller, instance_id)
+    return cgroups.CGROUP_ROOT / controller / cgroups.PARENT / instance_id
+
 
 # Shared by the hostile handlers below: run one action and report its value or its errno, so
 # that the test, not the function, decides what counts as a failure.
@@ -62,8 +89,11 @@ def mounts():
 
 
 def mount_options(target):
-    # A later mount on the same point hides the earlier ones.
-    return [options for point, _, options in mounts() if point == target][-1]
+    # The options of the mount the path lives on: the deepest mount point above it, and of
+    # several on the same point the last, which hides the earlier ones.
+    above = [m for m in mounts() if target == m[0] or target.startswith(m[0].rstrip("/") + "/")]
+    deepest = max(len(point) for point, _, _ in above)
+    return [options for point, _, options in above if len(point) == deepest][-1]
 """
 
 HEALTHY = """
@@ -187,6 +217,7 @@ def handler(event, context):
         "usr_existing_file": attempt(lambda: open("/usr/bin/python3", "r+b").close()),
         "usr_mount": mount_options("/usr"),
         "etc_mount": mount_options("/etc"),
+        "root_mount": mount_options("/"),
         "mount_points": [point for point, _, _ in mounts()],
     }
 """
@@ -197,8 +228,15 @@ def test_host_files_are_absent_and_usr_is_read_only(
     server: Server, tenant: Tenant, other_tenant: Tenant
 ) -> None:
     database_file = server.data_dir / "lambent.db"
-    hidden = ["/etc/shadow", "/root", "/home", "/var/lib", str(server.data_dir), str(database_file)]
-    assert server.data_dir.is_dir() and Path("/etc/shadow").exists()
+    sandbox_dir = resolve_sandbox_dir(server.data_dir, None)
+    hidden = [str(server.data_dir), str(database_file), str(sandbox_dir)]
+    if server.sandbox == "process":
+        hidden += ["/etc/shadow", "/root", "/home", "/var/lib"]
+    else:
+        # The root filesystem is the runtime's image: it has an /etc/shadow and a /var/lib of
+        # its own, so the host's private places are named by paths only the host has.
+        hidden += ["/var/lib/docker", "/var/lib/lambent", "/var/lib/postgresql"]
+    assert server.data_dir.is_dir() and sandbox_dir.is_dir() and Path("/etc/shadow").exists()
     tenant.deploy("files", HOST_FILES)
 
     seen = tenant.invoke("files", {"hidden": hidden}).json()
@@ -206,16 +244,26 @@ def test_host_files_are_absent_and_usr_is_read_only(
     # Not "permission denied": the paths do not exist in the sandbox's mount namespace at all.
     for path in hidden:
         assert_failed(seen["hidden"][path], errno.ENOENT)
-    assert set(seen["etc"]) <= {*ETC_FILES, "localtime"}
-    # Nothing else of the host is mounted (devices and /proc are the sandbox's own).
-    mount_points = [p for p in seen["mount_points"] if not p.startswith(("/dev/", "/proc/"))]
-    assert sorted(mount_points) == sorted(SANDBOX_MOUNT_POINTS)
+    if server.sandbox == "process":
+        assert set(seen["etc"]) <= {*ETC_FILES, "localtime"}
+        # Nothing else of the host is mounted (devices and /proc are the sandbox's own).
+        mount_points = [p for p in seen["mount_points"] if not p.startswith(("/dev/", "/proc/"))]
+        assert sorted(mount_points) == sorted(SANDBOX_MOUNT_POINTS)
+    else:
+        prefixes = ("/dev/", "/proc/", "/sys/")
+        mount_points = [p for p in seen["mount_points"] if not p.startswith(prefixes)]
+        assert sorted(mount_points) == sorted(CONTAINER_MOUNT_POINTS)
+        assert "ro" in seen["root_mount"]
     # PID 1 is the sandbox's own init, running as the sandbox user; the host's init is root.
-    assert seen["pid1_uid"] == SANDBOX_INNER_ID
+    assert seen["pid1_uid"] == inner_uid(server)
     pid1_environ = seen["environs"]["1"]["value"]
     assert server.admin_key not in pid1_environ
+    # No platform setting: only the Runtime API socket and, where PID 1 holds the container's
+    # first environment (Docker) and the sandbox was pre-started, the flag that made the
+    # runtime wait for its function.
     settings = [v for v in pid1_environ.split("\0") if v.startswith("LAMBENT_")]
-    assert all(v.startswith("LAMBENT_RUNTIME_SOCKET=") for v in settings), settings
+    allowed = ("LAMBENT_RUNTIME_SOCKET=", "LAMBENT_PRESTARTED=1")
+    assert all(v.startswith(allowed) for v in settings), settings
     assert server.admin_key not in json.dumps(seen["environs"])
     assert seen["usr_python"] == {"value": "7f454c46"}  # readable: an ELF header
     assert_failed(seen["usr_new_file"], errno.EROFS)
@@ -229,6 +277,12 @@ def test_host_files_are_absent_and_usr_is_read_only(
 
 KEEPER = """
 import os
+import subprocess
+
+# A process that holds the secret in the environment it started with, which is what /proc shows.
+# (The runtime itself may have been given its environment only after it started: a pre-started
+# sandbox's.)
+subprocess.Popen(["sleep", "600"])
 
 
 def handler(event, context):
@@ -268,11 +322,13 @@ def host_environs_containing(secret: str) -> list[int]:
     return found
 
 
-def test_another_instances_environment_is_invisible(tenant: Tenant, other_tenant: Tenant) -> None:
+def test_another_instances_environment_is_invisible(
+    server: Server, tenant: Tenant, other_tenant: Tenant
+) -> None:
     secret = f"keeper-{uuid.uuid4().hex}"
     other_tenant.deploy("keeper", KEEPER, environment={"KEEPER_SECRET": secret})
     assert other_tenant.invoke("keeper").json() == secret
-    # The keeper's instance stays warm, so its runtime process holds the secret in its
+    # The keeper's instance stays warm, so a process of its holds the secret in its
     # environment on this host while the snoop runs.
     assert host_environs_containing(secret)
     tenant.deploy("snoop", SNOOP)
@@ -283,7 +339,7 @@ def test_another_instances_environment_is_invisible(tenant: Tenant, other_tenant
     # Only the sandbox's init and the runtime: a shared PID namespace would show every host
     # process, most of them root's (unmapped, so not the sandbox uid).
     assert len(seen["pids"]) <= 3, seen["pids"]
-    assert all(uid == {"value": SANDBOX_INNER_ID} for uid in seen["uids"]), seen["uids"]
+    assert all(uid == {"value": inner_uid(server)} for uid in seen["uids"]), seen["uids"]
     assert other_tenant.invoke("keeper").json() == secret
     assert_platform_serves(other_tenant)
 
@@ -426,20 +482,23 @@ def handler(event, context):
 )
 
 
+BOMB_TIMEOUT_S = 15
+
 # What each bomb prints when the pids limit stops it.
 BOMB_REFUSALS = {"fork": f"fork refused: errno {errno.EAGAIN}", "threads": "thread refused"}
 
 
-def cgroup_tasks(instance_id: str) -> int:
-    path = cgroups.CGROUP_ROOT / "pids" / cgroups.PARENT / instance_id / "pids.current"
+def cgroup_tasks(server: Server, instance_id: str) -> int:
+    path = instance_group(server, "pids", instance_id) / "pids.current"
     try:
         return int(path.read_text())
     except FileNotFoundError:
         return 0
 
 
-def host_processes_of(instance_id: str) -> list[int]:
+def host_processes_of(server: Server, instance_id: str) -> list[int]:
     """Host processes running as the sandbox uid inside the instance's control groups."""
+    group = instance_group(server, "pids", instance_id).relative_to(cgroups.CGROUP_ROOT / "pids")
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -447,7 +506,9 @@ def host_processes_of(instance_id: str) -> list[int]:
         try:
             if entry.stat().st_uid != SANDBOX_UID:
                 continue
-            if f"/{cgroups.PARENT}/{instance_id}\n" in (entry / "cgroup").read_text():
+            # The instance's own group, or (Docker) its container's group inside it.
+            lines = (entry / "cgroup").read_text().splitlines()
+            if any(line.endswith(f"/{group}") or f"/{group}/" in line for line in lines):
                 found.append(int(entry.name))
         except OSError:
             continue  # the process ended while being read
@@ -456,34 +517,35 @@ def host_processes_of(instance_id: str) -> list[int]:
 
 @pytest.mark.parametrize("bomb", ["fork", "threads"])
 def test_bomb_is_capped_and_leaves_no_process_behind(
-    tenant: Tenant, other_tenant: Tenant, bomb: str
+    server: Server, tenant: Tenant, other_tenant: Tenant, bomb: str
 ) -> None:
-    # Memory is generous so that the pids limit, not the memory limit, is what stops the bomb.
-    tenant.deploy("bomb", BOMB, memory_mb=1024, timeout_s=6)
+    # Memory is generous so that the pids limit, not the memory limit, is what stops the bomb;
+    # the time limit leaves a loaded machine room to reach the pids limit first.
+    tenant.deploy("bomb", BOMB, memory_mb=1024, timeout_s=BOMB_TIMEOUT_S)
     instance_id = tenant.invoke("bomb").json()
-    assert host_processes_of(instance_id)
+    assert host_processes_of(server, instance_id)
 
     peak_tasks = 0
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=1) as pool, tenant.server.client(tenant.key) as client:
         invocation = pool.submit(client.post, "/v1/functions/bomb/invocations", json={"bomb": bomb})
         while not invocation.done():
-            peak_tasks = max(peak_tasks, cgroup_tasks(instance_id))
+            peak_tasks = max(peak_tasks, cgroup_tasks(server, instance_id))
             time.sleep(0.05)
         response = invocation.result()
     elapsed = time.monotonic() - started
 
     assert function_error(response) == "Sandbox.Timedout"
-    assert elapsed < 6 + 20  # generous: a shared machine, but not "never"
+    assert elapsed < BOMB_TIMEOUT_S + 20  # generous: a shared machine, but not "never"
     logs = tenant.invocation(response.headers["x-request-id"])["logs"]
     assert BOMB_REFUSALS[bomb] in logs
     # The bomb really ran in the instance being watched, and the limit held it.
     assert 500 < peak_tasks <= PIDS_MAX, peak_tasks
 
     deadline = time.monotonic() + 15
-    while host_processes_of(instance_id) and time.monotonic() < deadline:
+    while host_processes_of(server, instance_id) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert host_processes_of(instance_id) == []
+    assert host_processes_of(server, instance_id) == []
     assert_platform_serves(other_tenant)
 
 
@@ -574,12 +636,14 @@ def handler(event, context):
 )
 
 
-def test_function_is_not_root_and_cannot_become_root(tenant: Tenant, other_tenant: Tenant) -> None:
+def test_function_is_not_root_and_cannot_become_root(
+    server: Server, tenant: Tenant, other_tenant: Tenant
+) -> None:
     tenant.deploy("privileges", PRIVILEGES)
 
     seen = tenant.invoke("privileges").json()
 
-    assert seen["ids"] == [SANDBOX_INNER_ID] * 4
+    assert seen["ids"] == [inner_uid(server)] * 4
     for call in ("setuid", "setgid", "setresuid"):
         assert_failed(seen[call], errno.EPERM, errno.EINVAL)
     no_capabilities = "0000000000000000"

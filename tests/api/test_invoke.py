@@ -6,7 +6,11 @@ import base64
 import json
 import time
 
+import pytest
+
 from tests.support import Tenant, make_zip
+
+pytestmark = pytest.mark.both_sandboxes
 
 ECHO = """
 import os

@@ -145,6 +145,7 @@ def test_function_create_offers_json_and_multipart(spec: dict[str, Any]) -> None
     assert set(content) == {"application/json", "multipart/form-data"}
     assert properties(spec, content["application/json"]["schema"]) == {
         "name",
+        "package_type",
         "runtime",
         "handler",
         "memory_mb",
@@ -152,19 +153,33 @@ def test_function_create_offers_json_and_multipart(spec: dict[str, Any]) -> None
         "environment",
         "description",
         "code",
+        "image",
     }
     multipart = resolve(spec, content["multipart/form-data"]["schema"])
     assert multipart["properties"]["code"] == {"type": "string", "format": "binary"}
-    assert {"name", "runtime", "handler", "code"} <= set(multipart["required"])
+    assert multipart["properties"]["image"] == {"type": "string", "format": "binary"}
+    # Which of runtime, handler, code and image a function needs depends on its package type.
+    assert "name" in multipart["required"]
+    assert {"package_type", "runtime", "handler"} <= set(multipart["properties"])
 
 
-def test_code_update_offers_json_multipart_and_raw_zip(spec: dict[str, Any]) -> None:
+def test_code_update_offers_json_multipart_and_raw_packages(spec: dict[str, Any]) -> None:
     content = operation(spec, "put", "/v1/functions/{name}/code")["requestBody"]["content"]
 
-    assert set(content) == {"application/json", "multipart/form-data", "application/zip"}
-    assert properties(spec, content["application/json"]["schema"]) == {"zip_base64"}
-    assert "code" in properties(spec, content["multipart/form-data"]["schema"])
+    assert set(content) == {
+        "application/json",
+        "multipart/form-data",
+        "application/zip",
+        "application/x-tar",
+    }
+    alternatives = resolve(spec, content["application/json"]["schema"])["oneOf"]
+    assert [properties(spec, schema) for schema in alternatives] == [
+        {"zip_base64"},
+        {"archive_base64", "reference"},
+    ]
+    assert {"code", "image"} <= properties(spec, content["multipart/form-data"]["schema"])
     assert content["application/zip"]["schema"]["format"] == "binary"
+    assert content["application/x-tar"]["schema"]["format"] == "binary"
 
 
 @pytest.mark.parametrize(

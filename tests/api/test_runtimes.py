@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.support import Tenant
+
+pytestmark = pytest.mark.both_sandboxes
 
 SHELL_BOOTSTRAP = r"""#!/bin/sh
 # A custom runtime in plain shell: fetch an event, answer with it wrapped.

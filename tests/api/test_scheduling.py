@@ -1,5 +1,9 @@
 """Scheduling through the HTTP API: scale-out, concurrency limits, provisioned concurrency,
-keep-alive, eviction and capacity waits."""
+keep-alive, eviction and capacity waits.
+
+The scheduler is the same whatever the sandbox; the tests of what the sandbox does for it
+(starting instances side by side, reusing them, replacing a dead one) also run with Docker.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ def instances(tenant: Tenant, name: str) -> list[dict]:
     return response.json()["instances"]
 
 
+@pytest.mark.both_sandboxes
 def test_concurrent_invocations_each_get_their_own_instance(tenant: Tenant) -> None:
     tenant.deploy("burst", SLEEPER, timeout_s=10)
 
@@ -59,6 +64,7 @@ def test_concurrent_invocations_each_get_their_own_instance(tenant: Tenant) -> N
     assert sum(i["invocations"] for i in listed) == 5
 
 
+@pytest.mark.both_sandboxes
 def test_sequential_invocations_reuse_one_instance(tenant: Tenant) -> None:
     tenant.deploy("steady", SLEEPER)
 
@@ -70,6 +76,7 @@ def test_sequential_invocations_reuse_one_instance(tenant: Tenant) -> None:
     assert instance["worker"]
 
 
+@pytest.mark.both_sandboxes
 def test_instance_listing_shows_a_busy_instance(tenant: Tenant) -> None:
     tenant.deploy("busy", SLEEPER, timeout_s=10)
     with ThreadPoolExecutor(1) as pool:
@@ -146,6 +153,7 @@ def test_another_tenants_throttle_does_not_touch_this_tenant(
     assert other_tenant.invoke("same").status_code == 200
 
 
+@pytest.mark.both_sandboxes
 def test_provisioned_concurrency_keeps_instances_ready(tenant: Tenant) -> None:
     tenant.deploy("ready", SLEEPER)
 
@@ -188,6 +196,7 @@ def test_provisioned_concurrency_follows_a_code_change(tenant: Tenant) -> None:
     assert tenant.invocation(tenant.invoke("moving").headers["x-request-id"])["cold_start"] is False
 
 
+@pytest.mark.both_sandboxes
 def test_crashed_instance_is_replaced_on_the_next_invocation(tenant: Tenant) -> None:
     tenant.deploy("crashy", SLEEPER)
     before = tenant.invoke("crashy").json()["instance"]

@@ -87,6 +87,8 @@ class FunctionProcess:
     process: asyncio.subprocess.Process
     task_root: Path
     output: Path
+    # The function's environment: the runtime's own, or, pre-started, what to assign it.
+    environment: dict[str, str]
 
     def logs(self) -> str:
         return self.output.read_text()
@@ -102,9 +104,13 @@ async def function_process(
     *,
     handler: str = "app.handler",
     command: list[str] | None = None,
+    prestarted: bool = False,
     **server_options: Any,
 ) -> AsyncIterator[FunctionProcess]:
-    """Run a runtime (by default the python3.11 bootstrap) on the files as its task root."""
+    """Run a runtime (by default the python3.11 bootstrap) on the files as its task root.
+
+    Pre-started, the runtime gets only the generic variables and waits for its assignment.
+    """
     task_root = tmp_path / "task"
     task_root.mkdir()
     for name, source in files.items():
@@ -114,7 +120,7 @@ async def function_process(
         path.chmod(0o755)
     output = tmp_path / "output.log"
 
-    async with api_server(**server_options) as server:
+    async with api_server(prestarted=prestarted, **server_options) as server:
         env = {
             "PATH": "/usr/bin:/bin",
             "LAMBENT_RUNTIME_SOCKET": str(server.socket_path),
@@ -127,18 +133,27 @@ async def function_process(
             "AWS_LAMBDA_LOG_GROUP_NAME": "/aws/lambda/greeter",
             "AWS_LAMBDA_LOG_STREAM_NAME": "$LATEST/instance-1",
         }
+        process_env = env
+        if prestarted:
+            generic = (
+                "PATH",
+                "LAMBENT_RUNTIME_SOCKET",
+                "LAMBDA_TASK_ROOT",
+                "AWS_LAMBDA_RUNTIME_API",
+            )
+            process_env = {key: env[key] for key in generic} | {"LAMBENT_PRESTARTED": "1"}
         with output.open("wb") as sink:
             process = await asyncio.create_subprocess_exec(
                 *(command or [SYSTEM_PYTHON, "-u", str(BOOTSTRAP)]),
                 cwd=task_root,
-                env=env,
+                env=process_env,
                 stdout=sink,
                 stderr=asyncio.subprocess.STDOUT,
                 # Its own process group, so that cleanup also reaches a relay's child.
                 start_new_session=True,
             )
         try:
-            yield FunctionProcess(server, process, task_root, output)
+            yield FunctionProcess(server, process, task_root, output, env)
         finally:
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -737,5 +752,182 @@ def test_relay_serves_a_provided_shell_runtime_and_forwards_sigterm(tmp_path: Pa
 
         assert json.loads(reply.body) == {"shell": {"n": 1}}
         assert status == 128 + signal.SIGTERM
+
+    run(scenario())
+
+
+ASSIGNMENT = "/2018-06-01/lambent/assignment"
+
+ENVIRONMENT_HANDLER = """
+    import os
+
+    print("module loaded")
+
+    def handler(event, context):
+        return {
+            "function_name": context.function_name,
+            "memory_limit_in_mb": context.memory_limit_in_mb,
+            "environ": dict(os.environ),
+        }
+"""
+
+
+async def wait_for_assignment_poll(server: RuntimeApiServer) -> None:
+    await asyncio.wait_for(server.wait_for_assignment_poll(), WAIT_S)
+
+
+# Differ between any two runtimes here by construction (paths, ports, the event's trace).
+PER_PROCESS_VARIABLES = (
+    "LAMBDA_TASK_ROOT",
+    "LAMBENT_RUNTIME_SOCKET",
+    "AWS_LAMBDA_RUNTIME_API",
+    "_X_AMZN_TRACE_ID",
+)
+
+
+async def invoke_once(
+    tmp_path: Path, files: dict[str, str], *, prestarted: bool, **options: Any
+) -> tuple[dict[str, Any], str]:
+    """Invoke a runtime once; its JSON answer and its logs.
+
+    Pre-started, the files are written only once the runtime waits for its assignment.
+    """
+    tmp_path.mkdir()
+    async with function_process(
+        tmp_path, {} if prestarted else files, prestarted=prestarted, **options
+    ) as function:
+        if prestarted:
+            await wait_for_assignment_poll(function.server)
+            assert function.server.awaiting_assignment
+            for name, source in files.items():
+                (function.task_root / name).write_text(textwrap.dedent(source))
+            assert function.server.assign(function.environment)
+        assert await wait_init(function.server) is None
+        result = json.loads((await invoke(function.server, {})).body)
+        logs = function.logs()
+    return result, logs
+
+
+def test_prestarted_bootstrap_runs_its_assignment_as_a_fresh_start_would(tmp_path: Path) -> None:
+    files = {"app.py": ENVIRONMENT_HANDLER}
+
+    async def scenario() -> None:
+        fresh, _ = await invoke_once(tmp_path / "fresh", files, prestarted=False)
+        prestarted, logs = await invoke_once(tmp_path / "pre", files, prestarted=True)
+
+        for result in (fresh, prestarted):
+            for name in PER_PROCESS_VARIABLES:
+                result["environ"].pop(name)
+        assert prestarted == fresh
+        assert prestarted["function_name"] == "greeter"
+        assert prestarted["memory_limit_in_mb"] == "256"
+        assert "LAMBENT_PRESTARTED" not in prestarted["environ"]
+        assert logs.count("module loaded") == 1
+
+    run(scenario())
+
+
+def test_prestarted_bootstrap_reports_an_init_failure_after_its_assignment(
+    tmp_path: Path,
+) -> None:
+    files = {"app.py": "import not_a_module\n"}
+
+    async def scenario() -> None:
+        async with function_process(tmp_path, files, prestarted=True) as function:
+            await wait_for_assignment_poll(function.server)
+            assert function.server.assign(function.environment)
+            failure = await wait_init(function.server)
+            status = await function.exit_status()
+
+        assert failure is not None
+        assert failure.error_type == "Runtime.ImportModuleError"
+        assert status == 1
+
+    run(scenario())
+
+
+def test_prestarted_relay_runs_its_command_as_a_fresh_start_would(tmp_path: Path) -> None:
+    bootstrap = """
+        import json, os, urllib.request
+
+        api = "http://" + os.environ["AWS_LAMBDA_RUNTIME_API"] + "/2018-06-01/runtime/invocation"
+        with urllib.request.urlopen(api + "/next") as answer:
+            request_id = answer.headers["Lambda-Runtime-Aws-Request-Id"]
+        body = json.dumps(dict(os.environ)).encode()
+        urllib.request.urlopen(urllib.request.Request(api + "/" + request_id + "/response", body))
+    """
+    files = {"provided_bootstrap.py": bootstrap}
+    command = [SYSTEM_PYTHON, str(RELAY), "--", SYSTEM_PYTHON, "provided_bootstrap.py"]
+
+    async def scenario() -> None:
+        fresh, _ = await invoke_once(tmp_path / "fresh", files, prestarted=False, command=command)
+        prestarted, _ = await invoke_once(tmp_path / "pre", files, prestarted=True, command=command)
+
+        for environ in (fresh, prestarted):
+            for name in PER_PROCESS_VARIABLES:
+                environ.pop(name, None)
+        assert prestarted == fresh
+        assert prestarted["AWS_LAMBDA_FUNCTION_NAME"] == "greeter"
+        assert "LAMBENT_PRESTARTED" not in prestarted
+
+    run(scenario())
+
+
+def test_assign_is_refused_when_no_runtime_polls_for_it() -> None:
+    async def scenario() -> None:
+        async with api_server(prestarted=True) as server:
+            assert not server.awaiting_assignment
+            assert server.assign({"A": "1"}) is False
+
+    run(scenario())
+
+
+def test_an_assignment_is_handed_out_once() -> None:
+    async def scenario() -> None:
+        async with api_server(prestarted=True) as server, runtime_client(server) as api:
+
+            async def poll() -> tuple[int, dict[str, Any]]:
+                async with api.get(ASSIGNMENT) as answer:
+                    return answer.status, await answer.json()
+
+            first = asyncio.create_task(poll())
+            await wait_for_assignment_poll(server)
+            assert server.assign({"A": "1"})
+
+            assert await first == (200, {"environment": {"A": "1"}})
+            status, body = await poll()
+            assert status == 403
+            assert body["errorType"] == "InvalidStateTransition"
+            assert server.assign({"A": "2"}) is False
+
+    run(scenario())
+
+
+def test_assignment_endpoint_is_not_found_on_a_runtime_that_was_not_prestarted() -> None:
+    async def scenario() -> int:
+        async with (
+            api_server() as server,
+            runtime_client(server) as api,
+            api.get(ASSIGNMENT) as answer,
+        ):
+            return answer.status
+
+    assert run(scenario()) == 404
+
+
+def test_stop_answers_a_runtime_waiting_for_its_assignment() -> None:
+    async def scenario() -> None:
+        async with api_server(prestarted=True) as server, runtime_client(server) as api:
+
+            async def poll() -> int:
+                async with api.get(ASSIGNMENT) as answer:
+                    return answer.status
+
+            polling = asyncio.create_task(poll())
+            await wait_for_assignment_poll(server)
+            await server.stop()
+
+            assert await asyncio.wait_for(polling, WAIT_S) == 503
+            assert server.assign({"A": "1"}) is False
 
     run(scenario())

@@ -10,7 +10,8 @@ Two uses:
   daemon thread (the built-in Python runtime does this);
 * as a program: ``python3 relay.py -- CMD ARGS...`` binds, runs CMD as its child, forwards
   SIGTERM and SIGINT to it and exits with its status (the entry point of ``provided``
-  functions, whose CMD is /var/task/bootstrap).
+  functions, whose CMD is /var/task/bootstrap). Started with LAMBENT_PRESTARTED set, it first
+  waits for the function it is assigned and runs CMD with that function's environment.
 
 It runs inside the sandbox under Debian's python3, so it uses only the standard library.
 """
@@ -28,6 +29,7 @@ import time
 
 DEFAULT_SOCKET = "/var/runtime/api/runtime.sock"
 DEFAULT_ADDRESS = "127.0.0.1:9001"
+ASSIGNMENT_PATH = "/2018-06-01/lambent/assignment"
 
 _CHUNK_BYTES = 64 * 1024
 
@@ -101,6 +103,35 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
+def wait_for_assignment(socket_path: str) -> dict[str, str]:
+    """Long-poll the worker for the environment of the function this sandbox is given."""
+    # Imported here: only a pre-started sandbox needs them, and every fresh start would pay
+    # for importing them.
+    import http.client
+    import json
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(socket_path)
+
+    connection = UnixConnection("localhost")
+    try:
+        connection.request("GET", ASSIGNMENT_PATH)
+        response = connection.getresponse()
+        body = response.read()
+    except http.client.HTTPException as error:
+        raise OSError(f"{ASSIGNMENT_PATH} failed: {error!r}") from error
+    finally:
+        connection.close()
+    if response.status != 200:
+        raise OSError(f"{ASSIGNMENT_PATH} answered {response.status}: {body[:200]!r}")
+    environment = json.loads(body).get("environment")
+    if not isinstance(environment, dict):
+        raise ValueError(f"{ASSIGNMENT_PATH} answered no environment: {body[:200]!r}")
+    return environment
+
+
 def _split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port)
@@ -119,6 +150,18 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as error:
         print(f"lambent relay: cannot listen on {address}: {error}", file=sys.stderr)
         return 1
+
+    if os.environ.get("LAMBENT_PRESTARTED"):
+        try:
+            environment = wait_for_assignment(socket_path)
+        except (OSError, ValueError) as error:
+            # The worker stops the API when it tears the sandbox down; nobody to report to.
+            print(f"lambent relay: no assignment: {error}", file=sys.stderr)
+            return 1
+        # Updated rather than replaced, as a fresh start would have what the interpreter set
+        # itself while starting (LC_CTYPE, when it coerces the C locale).
+        os.environ.update(environment)
+        os.environ.pop("LAMBENT_PRESTARTED", None)
 
     child: subprocess.Popen[bytes] | None = None
 

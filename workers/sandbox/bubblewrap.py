@@ -25,12 +25,12 @@ from workers.sandbox.base import (
     SandboxSpec,
     SandboxStartError,
 )
+from workers.sandbox.output import OutputPipe
 
 log = get_logger(__name__)
 
 # The uid and gid code sees inside the sandbox (Lambda's sandbox user has the same).
 SANDBOX_INNER_ID = 993
-READ_CHUNK = 64 * 1024
 # Linux pipes buffer 64 KiB; staying under it lets the arguments be written before bwrap runs.
 ARGS_PIPE_BYTES = 60 * 1024
 
@@ -54,58 +54,18 @@ class BubblewrapSandbox:
         self.instance_id = instance_id
         self.process = process
         self.cgroup = cgroup
-        self._output_fd = output_fd
-        self._handler: OutputHandler | None = None
-        self._pending: list[bytes] = []
+        self._output = OutputPipe(output_fd)
         self._destroyed = False
         self._peak_mb = 0
         self._oom = False
-        asyncio.get_running_loop().add_reader(output_fd, self._on_readable)
 
     def set_output_handler(self, handler: OutputHandler) -> None:
-        self._handler = handler
-        for chunk in self._pending:
-            handler(chunk)
-        self._pending.clear()
-
-    def _deliver(self, chunk: bytes) -> None:
-        if self._handler is None:
-            self._pending.append(chunk)
-        else:
-            self._handler(chunk)
-
-    def _on_readable(self) -> None:
-        try:
-            chunk = os.read(self._output_fd, READ_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-        if chunk:
-            self._deliver(chunk)
-        else:
-            self._close_output()
+        self._output.set_handler(handler)
 
     def drain_output(self) -> None:
         # Whatever the runtime wrote before it replied is already in the pipe: read it now
         # rather than wait for the event loop to notice, so it lands in the right invocation.
-        while self._output_fd >= 0:
-            try:
-                chunk = os.read(self._output_fd, READ_CHUNK)
-            except BlockingIOError:
-                return
-            except OSError:
-                chunk = b""
-            if not chunk:
-                self._close_output()
-                return
-            self._deliver(chunk)
-
-    def _close_output(self) -> None:
-        if self._output_fd >= 0:
-            asyncio.get_running_loop().remove_reader(self._output_fd)
-            os.close(self._output_fd)
-            self._output_fd = -1
+        self._output.drain()
 
     async def wait(self) -> int:
         return await self.process.wait()
@@ -115,6 +75,9 @@ class BubblewrapSandbox:
 
     def oom_killed(self) -> bool:
         return self._oom if self._destroyed else self.cgroup.oom_kills() > 0
+
+    async def resize(self, memory_mb: int) -> None:
+        await asyncio.to_thread(self.cgroup.resize, memory_mb)
 
     async def destroy(self) -> None:
         if self._destroyed:
@@ -130,8 +93,8 @@ class BubblewrapSandbox:
         self.cgroup.kill_all()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.process.wait(), timeout=5)
-        self.drain_output()
-        self._close_output()
+        self._output.drain()
+        self._output.close()
         await asyncio.to_thread(self.cgroup.destroy)
 
 
@@ -215,6 +178,11 @@ class BubblewrapBackend:
         return args
 
     async def start(self, spec: SandboxSpec) -> BubblewrapSandbox:
+        if spec.image is not None or spec.code_dir is None:
+            raise SandboxStartError(
+                "the process sandbox runs zip packages only; container images need "
+                "LAMBENT_SANDBOX=docker"
+            )
         cgroup = cgroups.InstanceCgroup(spec.instance_id)
         await asyncio.to_thread(
             cgroup.create, cgroups.CgroupLimits(memory_mb=spec.memory_mb, pids_max=spec.pids_max)
@@ -230,7 +198,6 @@ class BubblewrapBackend:
         os.close(args_write)
 
         read_fd, write_fd = os.pipe()
-        os.set_blocking(read_fd, False)
         try:
             process = await asyncio.create_subprocess_exec(
                 *cgroup.join_command(),

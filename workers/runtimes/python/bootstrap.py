@@ -8,6 +8,10 @@ take an event from /next, call the handler, post its result to /response or its 
 /error. It speaks the Runtime API directly on the Unix socket mounted into the sandbox, over
 one keep-alive connection, and starts the TCP relay so that user code and SDKs find the same
 API at AWS_LAMBDA_RUNTIME_API.
+
+Started with LAMBENT_PRESTARTED set, it belongs to no function yet: /var/task is empty and the
+environment generic. It waits on Lambent's assignment endpoint for its function's environment,
+takes it as its own, and then loads the handler exactly as above.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import traceback
 DEFAULT_SOCKET = "/var/runtime/api/runtime.sock"
 
 _API = "/2018-06-01/runtime"
+_ASSIGNMENT = "/2018-06-01/lambent/assignment"
 _THIS_FILE = os.path.abspath(__file__)
 # /var/runtime in the sandbox, which holds relay.py; this file sits in its python/ folder.
 _RUNTIME_DIR = os.path.dirname(os.path.dirname(_THIS_FILE))
@@ -63,6 +68,13 @@ class RuntimeApi:
         if status != 200:
             raise RuntimeApiError(f"/next answered {status}: {body[:200]!r}")
         return body, headers
+
+    def assignment(self) -> dict[str, str]:
+        """Wait for the function this pre-started runtime is given; that function's environment."""
+        status, _, body = self._request("GET", _ASSIGNMENT)
+        if status != 200:
+            raise RuntimeApiError(f"/assignment answered {status}: {body[:200]!r}")
+        return json.loads(body)["environment"]
 
     def post_response(self, request_id: str, body: bytes) -> None:
         self._request("POST", f"{_API}/invocation/{request_id}/response", body)
@@ -247,6 +259,16 @@ def _start_relay(socket_path: str) -> None:
         sys.stderr.write(f"[WARNING] Runtime API relay not started on {address}: {error}\n")
 
 
+def _adopt_environment(environment: dict[str, str]) -> None:
+    """Take the assigned function's environment in place of the generic one started with."""
+    # Updated rather than replaced: what the interpreter set itself while starting (LC_CTYPE,
+    # when it coerces the C locale) a fresh start of the function has as well.
+    os.environ.update(environment)
+    os.environ.pop("LAMBENT_PRESTARTED", None)
+    # /var/task was empty until the assignment; import finders may have cached that.
+    importlib.invalidate_caches()
+
+
 def _use_task_root_for_imports() -> None:
     task_root = os.environ.get("LAMBDA_TASK_ROOT", "/var/task")
     runtime_dirs = {_RUNTIME_DIR, os.path.dirname(_THIS_FILE)}
@@ -380,11 +402,13 @@ def main() -> int:
     socket_path = os.environ.get("LAMBENT_RUNTIME_SOCKET", DEFAULT_SOCKET)
     api = RuntimeApi(socket_path)
     _start_relay(socket_path)
-    _use_task_root_for_imports()
     _install_logging()
-    function = _function_from_env()
 
     try:
+        if os.environ.get("LAMBENT_PRESTARTED"):
+            _adopt_environment(api.assignment())
+        _use_task_root_for_imports()
+        function = _function_from_env()
         try:
             handler = load_handler(os.environ.get("_HANDLER", ""))
         except FunctionError as failure:
