@@ -9,6 +9,9 @@ test:  ## install and start what the tests need, then run them all
 bench:  ## run the benchmarks in bench/ beside their baselines
 	scripts/setup-venv.sh
 	.venv/bin/python bench/run.py
+	.venv/bin/python bench/scheduler.py
+	.venv/bin/python bench/metering.py
+	.venv/bin/python bench/docker_sandbox.py
 
 lint:
 	.venv/bin/ruff check .
