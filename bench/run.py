@@ -75,7 +75,7 @@ DEFAULT = Profile(
     load_warmup_s=2.0,
     cold_starts=30,
     process_starts=50,
-    burst_size=20,
+    burst_size=50,
 )
 QUICK = Profile(
     name="quick",

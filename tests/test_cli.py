@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
-from tests.support import LAMBENT, Server, start_server
+from tests.support import LAMBENT, Server, create_tenant, start_server
 
 
 def run_cli(
@@ -110,3 +113,27 @@ def test_cli_tour_deploys_invokes_and_reports_usage(server: Server, tmp_path: Pa
     missing = run_cli(server, key, "invoke", "nope", check=False)
     assert missing.returncode == 1
     assert "ResourceNotFound" in missing.stderr
+
+
+def test_a_stopping_server_finishes_its_in_flight_invocations(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "data", admin_key="graceful-operator-key")
+    try:
+        tenant = create_tenant(server)
+        tenant.deploy(
+            "slow",
+            "import time\ndef handler(event, context):\n    time.sleep(2)\n    return 'done'\n",
+            timeout_s=10,
+        )
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(tenant.invoke, "slow")
+            time.sleep(0.8)  # the invocation is under way
+            server.process.send_signal(signal.SIGTERM)
+            response = pending.result(timeout=30)
+
+        assert response.status_code == 200
+        assert response.json() == "done"
+        # uvicorn re-raises the signal once it has shut down cleanly.
+        assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in server.log()
+    finally:
+        server.stop()
