@@ -7,23 +7,20 @@ instances whose API process is gone, or another API process's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
-import shutil
 import time
 import zipfile
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from workers.agent import Worker, WorkerConfig, idle_backstop_s, resolve_sandbox_dir
+from tests.workers import support
+from workers.agent import Worker, idle_backstop_s
 from workers.protocol import InstanceSpec, InvocationStatus, InvokeRequest, NoRoom
-from workers.sandbox.bubblewrap import BubblewrapBackend
 
 T = TypeVar("T")
-WAIT_S = 20
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -55,38 +52,8 @@ def spec(name: str, memory_mb: int = 128) -> InstanceSpec:
     )
 
 
-@contextlib.asynccontextmanager
-async def running_worker(
-    tmp_path: Path, *, memory_mb: int = 1024, backstop_s: float | None = None, pool_size: int = 0
-) -> AsyncIterator[Worker]:
-    # The sandbox uid must traverse the sandbox dir, which pytest's private tmp_path forbids.
-    sandbox_dir = resolve_sandbox_dir(tmp_path, None)
-    backend = BubblewrapBackend(state_dir=sandbox_dir, sandbox_uid=61000, sandbox_gid=61000)
-    config = WorkerConfig(
-        sandbox_dir=sandbox_dir,
-        memory_mb=memory_mb,
-        python_executable=Path("/usr/bin/python3"),
-        tmp_mb=64,
-        pids_max=256,
-        log_max_bytes=64 * 1024,
-        init_timeout_s=10,
-        prestart_pool_size=pool_size,
-        idle_backstop_s=backstop_s,
-    )
-    worker = Worker(config, backend, code_source)
-    await worker.start()
-    try:
-        yield worker
-    finally:
-        await worker.close()
-        shutil.rmtree(sandbox_dir, ignore_errors=True)
-
-
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
+def running_worker(tmp_path: Path, **options: object):  # type: ignore[no-untyped-def]
+    return support.running_worker(tmp_path, code_source, **options)  # type: ignore[arg-type]
 
 
 async def started(worker: Worker, name: str, *, provisioned: bool = False) -> str:
@@ -120,7 +87,7 @@ def test_an_instance_idle_past_the_backstop_is_stopped_by_its_worker(tmp_path: P
             await invoke(worker, instance_id)
             used_at = time.monotonic()
 
-            await wait_until(lambda: instance_id not in live(worker))
+            await support.wait_until(lambda: instance_id not in live(worker))
 
             assert time.monotonic() - used_at >= 1.5
             assert worker.free_mb == 1024
@@ -153,7 +120,7 @@ def test_a_kept_instance_outlives_the_backstop_until_no_one_keeps_it(tmp_path: P
 
             assert instance_id in live(worker)
             assert worker.idle_mb == 0  # nor would it be stopped for room
-            await wait_until(lambda: instance_id not in live(worker))
+            await support.wait_until(lambda: instance_id not in live(worker))
             assert worker.keep_instances([instance_id]) == [instance_id]
 
     run(scenario())
@@ -205,7 +172,7 @@ def test_pre_started_sandboxes_are_neither_aged_out_nor_counted_as_idle_instance
         async with running_worker(tmp_path, backstop_s=1.0, pool_size=1) as worker:
             pool = worker.prestart
             assert pool is not None
-            await wait_until(lambda: pool.ready_count("python3.11") == 1)
+            await support.wait_until(lambda: pool.ready_count("python3.11") == 1)
             pooled = {p.instance_id for p in pool._pooled["python3.11"]}
 
             await asyncio.sleep(2.5)

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import os
-import shutil
-import time
 import zipfile
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tests.workers import support
 from workers import cgroups
-from workers.agent import Worker, WorkerConfig, resolve_sandbox_dir
+from workers.agent import Worker
 from workers.prestart import POOL_MEMORY_MB, link_tree
 from workers.protocol import InstanceSpec, InvocationStatus, InvokeRequest
-from workers.sandbox.bubblewrap import BubblewrapBackend
 
 T = TypeVar("T")
-WAIT_S = 20
 
 ENVIRONMENT_HANDLER = """
 import os
@@ -89,37 +85,8 @@ def spec(
     )
 
 
-@contextlib.asynccontextmanager
-async def running_worker(
-    tmp_path: Path, *, memory_mb: int = 2048, pool_size: int = 2
-) -> AsyncIterator[Worker]:
-    # The sandbox uid must traverse the sandbox dir, which pytest's private tmp_path forbids.
-    sandbox_dir = resolve_sandbox_dir(tmp_path, None)
-    backend = BubblewrapBackend(state_dir=sandbox_dir, sandbox_uid=61000, sandbox_gid=61000)
-    config = WorkerConfig(
-        sandbox_dir=sandbox_dir,
-        memory_mb=memory_mb,
-        python_executable=Path("/usr/bin/python3"),
-        tmp_mb=64,
-        pids_max=256,
-        log_max_bytes=64 * 1024,
-        init_timeout_s=10,
-        prestart_pool_size=pool_size,
-    )
-    worker = Worker(config, backend, code_source)
-    await worker.start()
-    try:
-        yield worker
-    finally:
-        await worker.close()
-        shutil.rmtree(sandbox_dir, ignore_errors=True)
-
-
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
+def running_worker(tmp_path: Path, *, memory_mb: int = 2048, pool_size: int = 2):  # type: ignore[no-untyped-def]
+    return support.running_worker(tmp_path, code_source, memory_mb=memory_mb, pool_size=pool_size)
 
 
 def pool_full(worker: Worker) -> Callable[[], bool]:
@@ -154,7 +121,7 @@ async def invoke(worker: Worker, instance_id: str) -> dict[str, Any]:
 def test_the_pool_fills_every_runtime_without_taking_schedulable_memory(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_worker(tmp_path) as worker:
-            await wait_until(pool_full(worker))
+            await support.wait_until(pool_full(worker))
 
             assert worker.prestart is not None
             pooled = worker.prestart.size * len(worker.prestart.runtimes)
@@ -170,7 +137,7 @@ def test_a_function_takes_over_a_pooled_sandbox_with_its_own_memory_and_environm
 ) -> None:
     async def scenario() -> None:
         async with running_worker(tmp_path) as worker:
-            await wait_until(pool_full(worker))
+            await support.wait_until(pool_full(worker))
             pooled = pooled_ids(worker)
 
             start = await worker.start_instance(spec(memory_mb=512, environment={"COLOR": "blue"}))
@@ -191,10 +158,10 @@ def test_a_function_takes_over_a_pooled_sandbox_with_its_own_memory_and_environm
             assert "LAMBENT_PRESTARTED" not in result["environ"]
 
             await worker.stop_instance(start.instance_id)
-            await wait_until(lambda: not leftovers(worker, start.instance_id))
+            await support.wait_until(lambda: not leftovers(worker, start.instance_id))
             assert worker.free_mb == 2048
             # Used once only: it does not go back to the pool.
-            await wait_until(pool_full(worker))
+            await support.wait_until(pool_full(worker))
             assert start.instance_id not in pooled_ids(worker)
 
     run(scenario())
@@ -203,7 +170,7 @@ def test_a_function_takes_over_a_pooled_sandbox_with_its_own_memory_and_environm
 def test_a_provisioned_instance_from_the_pool_knows_it_is_provisioned(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_worker(tmp_path) as worker:
-            await wait_until(pool_full(worker))
+            await support.wait_until(pool_full(worker))
 
             start = await worker.start_instance(spec(), provisioned=True)
 
@@ -219,7 +186,7 @@ def test_a_start_takes_a_sandbox_that_is_still_starting(tmp_path: Path) -> None:
         async with running_worker(tmp_path, pool_size=1) as worker:
             pool = worker.prestart
             assert pool is not None
-            await wait_until(pool_full(worker))
+            await support.wait_until(pool_full(worker))
             first = await worker.start_instance(spec())
             # The pool refills behind the first start; catch the new sandbox while it starts.
             while not pool.count("python3.11"):
@@ -239,7 +206,7 @@ def test_a_start_takes_a_sandbox_that_is_still_starting(tmp_path: Path) -> None:
 def test_a_provided_function_takes_over_a_pooled_sandbox(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_worker(tmp_path) as worker:
-            await wait_until(pool_full(worker))
+            await support.wait_until(pool_full(worker))
 
             start = await worker.start_instance(spec("shell", runtime="provided"))
 
@@ -256,7 +223,7 @@ def test_an_init_failure_in_a_pooled_sandbox_is_the_functions_and_leaves_nothing
 ) -> None:
     async def scenario() -> None:
         async with running_worker(tmp_path) as worker:
-            await wait_until(pool_full(worker))
+            await support.wait_until(pool_full(worker))
 
             start = await worker.start_instance(spec("import-error"))
 
@@ -265,7 +232,7 @@ def test_an_init_failure_in_a_pooled_sandbox_is_the_functions_and_leaves_nothing
             assert b"not_a_module" in (start.init_error_body or b"")
             assert worker.environments == {}
             assert worker.free_mb == 2048
-            await wait_until(lambda: not leftovers(worker, start.instance_id))
+            await support.wait_until(lambda: not leftovers(worker, start.instance_id))
 
     run(scenario())
 
@@ -273,15 +240,15 @@ def test_an_init_failure_in_a_pooled_sandbox_is_the_functions_and_leaves_nothing
 def test_a_pooled_sandbox_that_dies_is_replaced(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_worker(tmp_path) as worker:
-            await wait_until(pool_full(worker))
+            await support.wait_until(pool_full(worker))
             assert worker.prestart is not None
             victim = worker.prestart._pooled["python3.11"][0]
 
             cgroups.InstanceCgroup(victim.instance_id).kill_all()
 
-            await wait_until(lambda: victim.instance_id not in pooled_ids(worker))
-            await wait_until(pool_full(worker))
-            await wait_until(lambda: not leftovers(worker, victim.instance_id))
+            await support.wait_until(lambda: victim.instance_id not in pooled_ids(worker))
+            await support.wait_until(pool_full(worker))
+            await support.wait_until(lambda: not leftovers(worker, victim.instance_id))
 
     run(scenario())
 
@@ -292,7 +259,7 @@ def test_a_start_short_of_memory_stops_pooled_sandboxes(tmp_path: Path) -> None:
         async with running_worker(tmp_path, memory_mb=256) as worker:
             pool = worker.prestart
             assert pool is not None
-            await wait_until(
+            await support.wait_until(
                 lambda: pool.ready_count("python3.11") + pool.ready_count("nodejs20.x") == 2
             )
 
@@ -302,7 +269,7 @@ def test_a_start_short_of_memory_stops_pooled_sandboxes(tmp_path: Path) -> None:
             assert pool.reserved_mb == 0
             assert pool.count("nodejs20.x") == 0
             await worker.stop_instance(start.instance_id)
-            await wait_until(lambda: pool.reserved_mb == 256)
+            await support.wait_until(lambda: pool.reserved_mb == 256)
 
     run(scenario())
 
@@ -312,7 +279,9 @@ def test_a_fresh_start_short_of_memory_stops_pooled_sandboxes(tmp_path: Path) ->
         async with running_worker(tmp_path, memory_mb=256) as worker:
             pool = worker.prestart
             assert pool is not None
-            await wait_until(lambda: pool.reserved_mb == 256 and pool.ready_count("nodejs20.x"))
+            await support.wait_until(
+                lambda: pool.reserved_mb == 256 and pool.ready_count("nodejs20.x")
+            )
             # The interpreter reads this at startup, so a pooled one cannot honour it.
             function = spec(memory_mb=256, environment={"PYTHONDONTWRITEBYTECODE": "1"})
 
@@ -329,7 +298,7 @@ def test_a_fresh_start_short_of_memory_stops_pooled_sandboxes(tmp_path: Path) ->
 def test_close_stops_pooled_sandboxes_and_leaves_nothing_behind(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_worker(tmp_path) as worker:
-            await wait_until(pool_full(worker))
+            await support.wait_until(pool_full(worker))
             assert worker.prestart is not None
             pooled = [p for entries in worker.prestart._pooled.values() for p in entries]
             pids = [p.sandbox.process.pid for p in pooled]  # type: ignore[union-attr]
