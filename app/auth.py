@@ -68,10 +68,15 @@ async def authenticate(
     credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     platform: Platform = Depends(get_platform),
 ) -> Principal:
-    if credentials is None or not credentials.credentials:
+    return await resolve_key(platform, credentials.credentials if credentials else None)
+
+
+async def resolve_key(platform: Platform, key: str | None) -> Principal:
+    """Who holds ``key``; ``Unauthorized`` if nobody does."""
+    if not key:
         raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")
 
-    key_hash = hash_key(credentials.credentials)
+    key_hash = hash_key(key)
     principal = platform.keys.get(key_hash)
     if principal is None:
         async with platform.db.sessionmaker() as session:
@@ -87,6 +92,10 @@ async def authenticate(
 
 async def require_tenant(principal: Principal = Depends(authenticate)) -> str:
     """The calling tenant's id; the operator key is not a tenant."""
+    return tenant_of(principal)
+
+
+def tenant_of(principal: Principal) -> str:
     if principal.tenant_id is None:
         raise AccessDenied("this route needs a tenant's key, not the operator key")
     return principal.tenant_id

@@ -21,6 +21,7 @@ from app.errors import LambentError
 from app.functions.cache import FunctionCache
 from app.functions.routes import router as functions_router
 from app.functions.service import restore_provisioned
+from app.invocations.fastpath import InvokeFastPath
 from app.invocations.routes import router as invocations_router
 from app.invocations.writer import InvocationWriter
 from app.logging import configure_logging, get_logger
@@ -197,6 +198,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         },
     )
     install_error_handlers(app)
+    if settings.invoke_fast_path:
+        app.add_middleware(InvokeFastPath)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

@@ -162,6 +162,12 @@ class Settings(BaseSettings):
         300.0, description="How often invoices of ended billing periods are finalised."
     )
 
+    invoke_fast_path: bool = Field(
+        True,
+        description="Serve synchronous invocations ahead of FastAPI's router (same answers, "
+        "less overhead). Off, the FastAPI route serves them; kept to compare the two.",
+    )
+
     # Limits of the public API.
     max_payload_bytes: int = 6 * 1024 * 1024
     max_zipped_bytes: int = 50 * 1024 * 1024

@@ -77,11 +77,26 @@ async def invoke_function(
 ) -> Response:
     """Invoke a function synchronously with the body as its event."""
     limit = platform.settings.max_payload_bytes
-    payload = await read_limited(
-        request,
-        limit,
-        PayloadTooLarge(f"the event is larger than {limit} bytes, the limit for an invocation"),
-    )
+    payload = await read_limited(request, limit, event_too_large(limit))
+    status, headers, body = await invoke_reply(platform, tenant_id, name, payload)
+    return Response(content=body, status_code=status, headers=headers, media_type=JSON)
+
+
+JSON = "application/json"
+
+
+def event_too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the event is larger than {limit} bytes, the limit for an invocation")
+
+
+async def invoke_reply(
+    platform: Platform, tenant_id: str, name: str, payload: bytes
+) -> tuple[int, dict[str, str], bytes]:
+    """Invoke the tenant's function; the status, headers and body to answer with.
+
+    Shared by the route above and by the ASGI fast path (app.invocations.fastpath), which
+    serves the same requests without FastAPI's routing and dependency resolution.
+    """
     cached = await functions.get_cached(platform, tenant_id, name)
     try:
         event = service.parse_event(payload)
@@ -90,30 +105,22 @@ async def invoke_function(
 
     outcome = await service.invoke(platform, cached, event)
     headers = {"X-Request-Id": outcome.request_id}
+    error: LambentError | None = None
     if outcome.worker_lost:
         error = WorkerLost(
             "the worker running this invocation stopped answering; the function may or may not "
             "have run"
         )
-        return Response(
-            content=json.dumps(error.body()),
-            status_code=error.status_code,
-            headers=headers,
-            media_type="application/json",
-        )
-    if outcome.response_too_large:
+    elif outcome.response_too_large:
+        limit = platform.settings.max_payload_bytes
         error = ResponseTooLarge(
             f"the function's response is larger than {limit} bytes, the limit for an invocation"
         )
-        return Response(
-            content=json.dumps(error.body()),
-            status_code=error.status_code,
-            headers=headers,
-            media_type="application/json",
-        )
+    if error is not None:
+        return error.status_code, headers, json.dumps(error.body()).encode()
     if outcome.error_type is not None:
         headers["X-Function-Error"] = "Unhandled"
-    return Response(content=outcome.body, media_type="application/json", headers=headers)
+    return 200, headers, outcome.body
 
 
 @router.get("/v1/invocations/{request_id}", response_model=InvocationOut)
