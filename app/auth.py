@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import time
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
@@ -12,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 
 from app.errors import AccessDenied, Unauthorized
+from app.expiring import ExpiringMap
 from app.platform import Platform, get_platform
 from app.tenants.models import ApiKey
 
@@ -36,31 +36,14 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-class KeyCache:
-    """Resolved keys for a few seconds, so the invoke path does not read the database."""
+class KeyCache(ExpiringMap[str, Principal]):
+    """Resolved keys by hash, so that the invoke path does not read the database."""
 
     def __init__(self, ttl_s: float = KEY_CACHE_TTL_S) -> None:
-        self.ttl_s = ttl_s
-        self._entries: dict[str, tuple[Principal, float]] = {}
-
-    def get(self, key_hash: str) -> Principal | None:
-        entry = self._entries.get(key_hash)
-        if entry is None or entry[1] < time.monotonic():
-            return None
-        return entry[0]
-
-    def put(self, key_hash: str, principal: Principal) -> None:
-        if len(self._entries) > 100_000:
-            self._entries.clear()
-        self._entries[key_hash] = (principal, time.monotonic() + self.ttl_s)
+        super().__init__(ttl_s)
 
     def forget_tenant(self, tenant_id: str) -> None:
-        for key_hash, (principal, _) in list(self._entries.items()):
-            if principal.tenant_id == tenant_id:
-                del self._entries[key_hash]
-
-    def clear(self) -> None:
-        self._entries.clear()
+        self.pop_where(lambda _, principal: principal.tenant_id == tenant_id)
 
 
 async def authenticate(
@@ -79,15 +62,21 @@ async def resolve_key(platform: Platform, key: str | None) -> Principal:
     key_hash = hash_key(key)
     principal = platform.keys.get(key_hash)
     if principal is None:
-        async with platform.db.sessionmaker() as session:
-            row = (
-                await session.execute(select(ApiKey).where(ApiKey.key_hash == key_hash))
-            ).scalar_one_or_none()
-        if row is None:
+        principal = await _load_principal(platform, key_hash)
+        if principal is None:
             raise Unauthorized("the API key is not valid")
-        principal = Principal(tenant_id=row.tenant_id, is_operator=row.is_operator)
         platform.keys.put(key_hash, principal)
+    elif platform.keys.wants_reload(key_hash):
+        platform.keys.reload(key_hash, lambda: _load_principal(platform, key_hash))
     return principal
+
+
+async def _load_principal(platform: Platform, key_hash: str) -> Principal | None:
+    async with platform.db.sessionmaker() as session:
+        row = (
+            await session.execute(select(ApiKey).where(ApiKey.key_hash == key_hash))
+        ).scalar_one_or_none()
+    return None if row is None else Principal(tenant_id=row.tenant_id, is_operator=row.is_operator)
 
 
 async def require_tenant(principal: Principal = Depends(authenticate)) -> str:

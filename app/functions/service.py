@@ -316,40 +316,56 @@ def to_cached(platform: Platform, fn: Function) -> CachedFunction:
 
 async def get_cached(platform: Platform, tenant_id: str, name: str) -> CachedFunction:
     """The function as the invoke path needs it, from the cache when fresh."""
-    cached = platform.functions.get(tenant_id, name)
+    cache = platform.functions.functions
+    key = (tenant_id, name)
+    cached = cache.get(key)
     if cached is None:
         cached = to_cached(platform, await get_function(platform, tenant_id, name))
-        platform.functions.put(cached)
+        cache.put(key, cached)
+    elif cache.wants_reload(key):
+        cache.reload(key, lambda: _load_cached(platform, tenant_id, name))
     return cached
+
+
+async def _load_cached(platform: Platform, tenant_id: str, name: str) -> CachedFunction | None:
+    try:
+        return to_cached(platform, await get_function(platform, tenant_id, name))
+    except FunctionNotFound:
+        return None
 
 
 async def concurrency_limits(
     platform: Platform, tenant_id: str, cached: CachedFunction
 ) -> ConcurrencyLimits:
-    limits = platform.functions.tenant_limits(tenant_id)
+    cache = platform.functions.tenants
+    limits = cache.get(tenant_id)
     if limits is None:
-        async with platform.db.sessionmaker() as session:
-            tenant_limit = await session.scalar(
-                select(Tenant.concurrency_limit).where(Tenant.id == tenant_id)
-            )
-            reserved_total = await session.scalar(
-                TenantScope(tenant_id).select(
-                    Function, func.coalesce(func.sum(Function.reserved_concurrency), 0)
-                )
-            )
-        limits = TenantLimits(
-            concurrency_limit=(
-                tenant_limit
-                if tenant_limit is not None
-                else platform.settings.tenant_concurrency_limit
-            ),
-            reserved_total=int(reserved_total or 0),
-        )
-        platform.functions.put_tenant_limits(tenant_id, limits)
+        limits = await _load_tenant_limits(platform, tenant_id)
+        cache.put(tenant_id, limits)
+    elif cache.wants_reload(tenant_id):
+        cache.reload(tenant_id, lambda: _load_tenant_limits(platform, tenant_id))
     return ConcurrencyLimits(
         tenant_limit=limits.concurrency_limit,
         reserved=cached.reserved_concurrency,
         tenant_reserved_total=limits.reserved_total,
+    )
+
+
+async def _load_tenant_limits(platform: Platform, tenant_id: str) -> TenantLimits:
+    async with platform.db.sessionmaker() as session:
+        tenant_limit = await session.scalar(
+            select(Tenant.concurrency_limit).where(Tenant.id == tenant_id)
+        )
+        reserved_total = await session.scalar(
+            TenantScope(tenant_id).select(
+                Function, func.coalesce(func.sum(Function.reserved_concurrency), 0)
+            )
+        )
+    return TenantLimits(
+        concurrency_limit=(
+            tenant_limit if tenant_limit is not None else platform.settings.tenant_concurrency_limit
+        ),
+        reserved_total=int(reserved_total or 0),
     )
 
 
@@ -379,7 +395,7 @@ async def _set_concurrency_columns(
             )
         await session.commit()
         await session.refresh(fn)
-    platform.functions.forget(tenant_id, name)
+    platform.functions.changed(to_cached(platform, fn))
     return fn
 
 
@@ -483,7 +499,7 @@ async def _apply_update(
                         f"function {name!r} is being changed concurrently; retry", name=name
                     ) from None
                 continue
-        platform.functions.forget(tenant_id, name)
+        platform.functions.changed(to_cached(platform, fn))
         await platform.scheduler.retire(fn.id, fn.revision)
         if fn.provisioned_concurrency:
             platform.scheduler.set_provisioned(to_spec(platform, fn), fn.provisioned_concurrency)
