@@ -44,6 +44,10 @@ POOL_MEMORY_MB = 128
 # How often the pool checks for memory freed by stopped instances, and waits after a failure.
 REFILL_CHECK_S = 1.0
 RETRY_AFTER_FAILURE_S = 5.0
+# After a sandbox is handed to a function, the pool refills only empty runtimes for this long:
+# the new instance's first invocation follows its init at once, and a sandbox starting beside it
+# (an interpreter start, tens of ms of CPU) would slow that invocation several times over.
+REFILL_SETTLE_S = 0.1
 
 # Each runtime's interpreter reads these when it starts, before any assignment; a function that
 # sets them needs a fresh interpreter to see them take effect: (prefixes, names).
@@ -86,6 +90,7 @@ class PrestartPool:
         # Sandboxes being handed to functions. Meanwhile only an empty runtime is refilled:
         # starting a sandbox takes CPU from the very cold starts the pool is there to shorten.
         self._assigning = 0
+        self._settled_at = 0.0
         self._closed = False
 
     async def start(self) -> None:
@@ -137,7 +142,9 @@ class PrestartPool:
             return await self._assign(pooled, spec, code_dir, provisioned=provisioned)
         finally:
             self._assigning -= 1
-            self._wake.set()
+            self._settled_at = time.monotonic() + REFILL_SETTLE_S
+            self._wake.set()  # an empty runtime refills now, the others once settled
+            asyncio.get_running_loop().call_later(REFILL_SETTLE_S, self._wake.set)
 
     async def _assign(
         self, pooled: PooledSandbox, spec: InstanceSpec, code_dir: Path, *, provisioned: bool
@@ -318,8 +325,8 @@ class PrestartPool:
         """The runtime with the fewest pooled sandboxes below the size, if memory allows one."""
         if self._closed or self.worker.draining or self._room_mb() < POOL_MEMORY_MB:
             return None
-        target = 1 if self._assigning else self.size
         now = time.monotonic()
+        target = 1 if self._assigning or now < self._settled_at else self.size
         wanting = [
             runtime
             for runtime in self.runtimes
