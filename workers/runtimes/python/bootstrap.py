@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import decimal
-import http.client
 import importlib
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -36,34 +36,57 @@ _ASSIGNMENT = "/2018-06-01/lambent/assignment"
 _THIS_FILE = os.path.abspath(__file__)
 # /var/runtime in the sandbox, which holds relay.py; this file sits in its python/ folder.
 _RUNTIME_DIR = os.path.dirname(os.path.dirname(_THIS_FILE))
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, socket_path: str) -> None:
-        super().__init__("localhost")
-        self._socket_path = socket_path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(self._socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+# Enough for a reply's head and a typical event in one recv; larger bodies are read straight
+# into their own buffer.
+_READ_BUFFER_BYTES = 64 * 1024
 
 
 class RuntimeApiError(Exception):
     """The Runtime API refused to hand out events: the worker is tearing the sandbox down."""
 
 
+class RuntimeApiProtocolError(Exception):
+    """A reply from the Runtime API was not HTTP this client can read."""
+
+
+class ReplyHeaders:
+    """A reply's headers; names match in any case, as HTTP has it."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: dict[str, str]) -> None:
+        # Keyed by lower-case name.
+        self._values = values
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self._values.get(name.lower(), default)
+
+
+def _size(text: str | bytes, base: int = 10) -> int:
+    """A Content-Length or chunk size; RuntimeApiProtocolError unless a whole number."""
+    try:
+        size = int(text, base)
+    except ValueError:
+        size = -1
+    if size < 0:
+        raise RuntimeApiProtocolError(f"bad body size {text[:100]!r}")
+    return size
+
+
 class RuntimeApi:
-    """A client for the Runtime API over the worker's Unix socket."""
+    """A client for the Runtime API over the worker's Unix socket.
+
+    It speaks just enough HTTP/1.1 for the worker's server, on one keep-alive connection. It is
+    written on the socket rather than with http.client, whose reply parsing (the email package,
+    a message object per reply) was most of the runtime's own time per invocation.
+    """
 
     def __init__(self, socket_path: str) -> None:
-        self._connection = _UnixHTTPConnection(socket_path)
+        self._socket_path = socket_path
+        self._sock: socket.socket | None = None
+        self._reader: io.BufferedReader | None = None
 
-    def next_invocation(self) -> tuple[bytes, http.client.HTTPMessage]:
+    def next_invocation(self) -> tuple[bytes, ReplyHeaders]:
         status, headers, body = self._request("GET", f"{_API}/invocation/next")
         if status != 200:
             raise RuntimeApiError(f"/next answered {status}: {body[:200]!r}")
@@ -86,28 +109,116 @@ class RuntimeApi:
     def post_init_error(self, failure: FunctionError) -> None:
         self._request("POST", f"{_API}/init/error", failure.to_json(), failure.error_type)
 
+    def close(self) -> None:
+        if self._sock is not None:
+            self._reader.close()
+            self._sock.close()
+        self._sock = None
+        self._reader = None
+
     def _request(
         self, method: str, path: str, body: bytes | None = None, error_type: str | None = None
-    ) -> tuple[int, http.client.HTTPMessage, bytes]:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        if error_type is not None:
-            headers["Lambda-Runtime-Function-Error-Type"] = error_type
+    ) -> tuple[int, ReplyHeaders, bytes]:
+        head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n"
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        # The error type is also in the body, where the worker looks when the header is missing;
+        # a name that cannot travel in a header (an exception class named in Unicode, or one
+        # with a line break) is left to the body.
+        if error_type is not None and error_type.isascii() and error_type.isprintable():
+            head += f"Lambda-Runtime-Function-Error-Type: {error_type}\r\n"
+        message = (head + "\r\n").encode("latin-1")
+        if body is not None:
+            message += body
 
         # A connection can be dropped while a long handler runs; one retry on a new connection
         # covers that. A retried post the worker had already taken is refused with a harmless
         # 400, and replies other than /next are not acted upon.
         try:
-            return self._exchange(method, path, body, headers)
-        except (ConnectionError, http.client.HTTPException):
-            self._connection.close()
-        return self._exchange(method, path, body, headers)
+            return self._exchange(message)
+        except (ConnectionError, RuntimeApiProtocolError):
+            self.close()
+        return self._exchange(message)
 
-    def _exchange(
-        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
-    ) -> tuple[int, http.client.HTTPMessage, bytes]:
-        self._connection.request(method, path, body, headers)
-        response = self._connection.getresponse()
-        return response.status, response.headers, response.read()
+    def _exchange(self, message: bytes) -> tuple[int, ReplyHeaders, bytes]:
+        if self._sock is None:
+            self._connect()
+        # One write for the whole request, so that the worker reads it with one wake-up.
+        self._sock.sendall(message)
+
+        reader = self._reader
+        status_line = reader.readline()
+        if not status_line:
+            raise ConnectionResetError("the Runtime API closed the connection")
+        try:
+            status = int(status_line.split(None, 2)[1])
+        except (IndexError, ValueError):
+            raise RuntimeApiProtocolError(f"bad status line {status_line[:100]!r}") from None
+
+        values: dict[str, str] = {}
+        while True:
+            line = reader.readline()
+            if line == b"\r\n" or line == b"\n":
+                break
+            if not line:
+                raise ConnectionResetError("the Runtime API closed the connection mid-reply")
+            # The worker's server writes its headers in UTF-8.
+            name, _, value = line.decode("utf-8", "replace").partition(":")
+            values[name.strip().lower()] = value.strip()
+
+        length = values.get("content-length")
+        if "chunked" in values.get("transfer-encoding", "").lower():
+            body = self._read_chunked()
+        elif length is not None:
+            body = self._read_exactly(_size(length))
+        else:
+            # Without a length, the reply ends where the worker closes the connection.
+            body = reader.read()
+            values["connection"] = "close"
+
+        if "close" in values.get("connection", "").lower():
+            self.close()
+        return status, ReplyHeaders(values), body
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self._socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        # Buffered, so that a reply's status line, headers and a small body take one recv.
+        self._reader = sock.makefile("rb", buffering=_READ_BUFFER_BYTES)
+
+    def _read_exactly(self, size: int) -> bytes:
+        data = self._reader.read(size)
+        if len(data) < size:
+            raise ConnectionResetError("the Runtime API closed the connection mid-body")
+        return data
+
+    def _read_chunked(self) -> bytes:
+        reader = self._reader
+        chunks = []
+        while True:
+            size_line = reader.readline()
+            if not size_line:
+                raise ConnectionResetError("the Runtime API closed the connection mid-body")
+            size = _size(size_line.split(b";", 1)[0], 16)
+            if size == 0:
+                break
+            chunk = self._read_exactly(size + 2)
+            if not chunk.endswith(b"\r\n"):
+                raise RuntimeApiProtocolError("a chunk does not end with CRLF")
+            chunks.append(chunk[:-2])
+
+        # Trailer fields, which nothing here needs, end with an empty line.
+        while True:
+            line = reader.readline()
+            if line == b"\r\n" or line == b"\n":
+                return b"".join(chunks)
+            if not line:
+                raise ConnectionResetError("the Runtime API closed the connection mid-body")
 
 
 class FunctionError(Exception):
@@ -419,7 +530,7 @@ def main() -> int:
 
         while True:
             invoke(api, handler, function)
-    except (OSError, http.client.HTTPException, RuntimeApiError) as error:
+    except (OSError, RuntimeApiProtocolError, RuntimeApiError) as error:
         # The worker closes the API when it tears the sandbox down; there is nobody to report to.
         sys.stderr.write(f"[ERROR] Runtime API unavailable: {error}\n")
         return 1
