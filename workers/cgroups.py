@@ -48,6 +48,8 @@ class InstanceCgroup:
     def __init__(self, name: str) -> None:
         self.name = name
         self.paths = {c: CGROUP_ROOT / c / PARENT / name for c in CONTROLLERS}
+        # Read after every invocation: kept open, so that each read is one pread.
+        self._peak_fd: int | None = None
 
     def create(self, limits: CgroupLimits) -> None:
         for path in self.paths.values():
@@ -90,8 +92,20 @@ class InstanceCgroup:
         return ["/bin/sh", "-c", script, "lambent-cgroup-join"]
 
     def peak_memory_mb(self) -> int:
-        raw = _read(self.paths["memory"] / "memory.max_usage_in_bytes")
+        try:
+            if self._peak_fd is None:
+                path = self.paths["memory"] / "memory.max_usage_in_bytes"
+                self._peak_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            raw = os.pread(self._peak_fd, 32, 0)
+        except OSError:  # the group is gone (or going)
+            self._close_peak()
+            return 0
         return -(-int(raw or 0) // (1024 * 1024))
+
+    def _close_peak(self) -> None:
+        if self._peak_fd is not None:
+            os.close(self._peak_fd)
+            self._peak_fd = None
 
     def oom_kills(self) -> int:
         for line in _read(self.paths["memory"] / "memory.oom_control").splitlines():
@@ -111,6 +125,7 @@ class InstanceCgroup:
 
     def destroy(self, wait_s: float = 2.0) -> None:
         """Kill what is left inside and remove the groups; a busy group is retried briefly."""
+        self._close_peak()
         deadline = time.monotonic() + wait_s
         for path in self.paths.values():
             while path.exists():
