@@ -1,4 +1,5 @@
-"""The Runtime API server, driven by the real python3.11 bootstrap and by provided runtimes.
+"""The Runtime API server, driven by the real python3.11 bootstrap, by provided runtimes and by
+HTTP written byte by byte.
 
 There is no sandbox here: runtimes run as plain subprocesses of Debian's python3, pointed at a
 real RuntimeApiServer on a temporary Unix socket.
@@ -18,7 +19,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -26,8 +27,10 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
+import uvloop
 
 from workers.runtime_api import (
+    ASSIGNMENT_PATH,
     InitFailure,
     InvocationReply,
     ResponseTooLarge,
@@ -615,6 +618,413 @@ def test_stop_answers_a_long_polling_runtime_promptly() -> None:
             assert not server.socket_path.exists()
             with pytest.raises(RuntimeGone):
                 await invoke(server, {})
+
+    run(scenario())
+
+
+# HTTP as runtimes and HTTP clients may speak it, written byte by byte on the socket.
+
+PING = "/2018-06-01/ping"
+
+
+def http_request(
+    method: str, path: str, body: bytes = b"", *, headers: str = "", version: str = "HTTP/1.1"
+) -> bytes:
+    length = f"Content-Length: {len(body)}\r\n" if body else ""
+    head = f"{method} {path} {version}\r\nHost: runtime\r\n{headers}{length}\r\n"
+    return head.encode() + body
+
+
+def response_path(request_id: str) -> str:
+    return f"/2018-06-01/runtime/invocation/{request_id}/response"
+
+
+@dataclass
+class RawResponse:
+    status: int
+    # Names lower-cased.
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def read_response(reader: asyncio.StreamReader, *, head: bool = False) -> RawResponse:
+    """Read one response; for a HEAD request, its headers only."""
+    raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT_S)
+    status_line, *lines = raw.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in filter(None, lines):
+        name, _, value = line.partition(":")
+        headers[name.lower()] = value.strip()
+    length = int(headers["content-length"])
+    body = b"" if head else await asyncio.wait_for(reader.readexactly(length), WAIT_S)
+    return RawResponse(int(status_line.split()[1]), headers, body)
+
+
+async def read_to_end(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.read(), WAIT_S)
+
+
+@contextlib.asynccontextmanager
+async def raw_connection(
+    server: RuntimeApiServer,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_unix_connection(str(server.socket_path))
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def take_event(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> RawResponse:
+    writer.write(http_request("GET", NEXT))
+    return await read_response(reader)
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each event loop the server runs on: uvloop in the worker, asyncio's own elsewhere."""
+    if request.param == "uvloop":
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        yield request.param
+    finally:
+        asyncio.set_event_loop_policy(None)
+
+
+@pytest.mark.usefixtures("event_loop_kind")
+def test_chunked_reply_is_reassembled() -> None:
+    async def scenario() -> None:
+        async with api_server() as server, raw_connection(server) as (reader, writer):
+            pending = asyncio.create_task(invoke(server, {}, request_id="req-1"))
+            await take_event(reader, writer)
+            head = "Transfer-Encoding: chunked\r\n"
+            writer.write(http_request("POST", response_path("req-1"), headers=head))
+            # Each piece on its own, so the parser meets the body split at every boundary.
+            for piece in (b"4\r\n", b'{"a"', b"\r\n", b"4\r\n:  1\r\n", b"1\r\n}\r\n0\r\n\r\n"):
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            answer = await read_response(reader)
+            reply = await pending
+
+        assert answer.status == 202
+        assert reply.ok and reply.body == b'{"a":  1}'
+
+    run(scenario())
+
+
+@pytest.mark.usefixtures("event_loop_kind")
+def test_reply_and_next_poll_may_be_pipelined() -> None:
+    async def scenario() -> None:
+        async with api_server() as server, raw_connection(server) as (reader, writer):
+            first = asyncio.create_task(invoke(server, {"n": 1}, request_id="req-1"))
+            await take_event(reader, writer)
+            writer.write(
+                http_request("POST", response_path("req-1"), b'"one"') + http_request("GET", NEXT)
+            )
+            accepted = await read_response(reader)
+            assert (await first).body == b'"one"'
+
+            second = asyncio.create_task(invoke(server, {"n": 2}, request_id="req-2"))
+            event = await read_response(reader)
+            second.cancel()
+
+        assert accepted.status == 202
+        assert event.status == 200
+        assert event.headers["lambda-runtime-aws-request-id"] == "req-2"
+        assert event.json() == {"n": 2}
+
+    run(scenario())
+
+
+@pytest.mark.usefixtures("event_loop_kind")
+def test_requests_pipelined_behind_a_long_poll_wait_for_its_answer() -> None:
+    async def scenario() -> None:
+        async with api_server() as server, raw_connection(server) as (reader, writer):
+            writer.write(http_request("GET", NEXT) + http_request("GET", PING))
+            await wait_init(server)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.2)
+
+            pending = asyncio.create_task(invoke(server, {"n": 1}, request_id="req-1"))
+            event = await read_response(reader)
+            behind = await read_response(reader)
+            pending.cancel()
+
+        assert event.status == 200
+        assert event.json() == {"n": 1}
+        assert behind.status == 404
+
+    run(scenario())
+
+
+@pytest.mark.usefixtures("event_loop_kind")
+def test_malformed_request_is_answered_400_and_the_connection_closed() -> None:
+    async def scenario() -> tuple[RawResponse, bytes]:
+        async with api_server() as server, raw_connection(server) as (reader, writer):
+            writer.write(f"GET {NEXT} HTTP/1.1\r\nHost runtime\r\n\r\n".encode())
+            return await read_response(reader), await read_to_end(reader)
+
+    answer, rest = run(scenario())
+
+    assert answer.status == 400
+    assert answer.json()["errorType"] == "InvalidRequest"
+    assert answer.headers["connection"] == "close"
+    assert rest == b""
+
+
+@pytest.mark.usefixtures("event_loop_kind")
+def test_oversized_headers_are_refused_and_the_connection_closed() -> None:
+    async def scenario() -> tuple[RawResponse, bytes]:
+        async with api_server() as server, raw_connection(server) as (reader, writer):
+            # No end to the headers: the server must give up without waiting for one.
+            writer.write(f"GET {NEXT} HTTP/1.1\r\nX-Padding: {'a' * 200_000}".encode())
+            return await read_response(reader), await read_to_end(reader)
+
+    answer, rest = run(scenario())
+
+    assert answer.status == 431
+    assert answer.json()["errorType"] == "RequestHeaderFieldsTooLarge"
+    assert rest == b""
+
+
+@pytest.mark.usefixtures("event_loop_kind")
+@pytest.mark.parametrize(
+    ("version", "headers"),
+    [("HTTP/1.0", ""), ("HTTP/1.1", "Connection: close\r\n")],
+    ids=["http-1.0", "connection-close"],
+)
+def test_connection_is_closed_after_the_answer_when_the_client_asks(
+    version: str, headers: str
+) -> None:
+    async def scenario() -> tuple[RawResponse, bytes]:
+        async with api_server() as server, raw_connection(server) as (reader, writer):
+            writer.write(http_request("GET", PING, headers=headers, version=version))
+            return await read_response(reader), await read_to_end(reader)
+
+    answer, rest = run(scenario())
+
+    assert answer.status == 404
+    assert answer.headers["connection"] == "close"
+    assert rest == b""
+
+
+@pytest.mark.usefixtures("event_loop_kind")
+def test_http_1_0_keep_alive_is_honoured() -> None:
+    async def scenario() -> list[RawResponse]:
+        async with api_server() as server, raw_connection(server) as (reader, writer):
+            answers = []
+            for _ in range(2):
+                headers = "Connection: keep-alive\r\n"
+                writer.write(http_request("GET", PING, headers=headers, version="HTTP/1.0"))
+                answers.append(await read_response(reader))
+            return answers
+
+    answers = run(scenario())
+
+    assert [answer.status for answer in answers] == [404, 404]
+    assert answers[0].headers["connection"] == "keep-alive"
+
+
+@pytest.mark.usefixtures("event_loop_kind")
+def test_head_request_is_answered_without_a_body() -> None:
+    async def scenario() -> tuple[RawResponse, RawResponse]:
+        async with api_server() as server, raw_connection(server) as (reader, writer):
+            writer.write(http_request("HEAD", NEXT) + http_request("GET", PING))
+            # A body after the HEAD answer would be read as the start of the next answer.
+            return await read_response(reader, head=True), await read_response(reader)
+
+    head, after = run(scenario())
+
+    assert head.status == 404
+    assert int(head.headers["content-length"]) > 0
+    assert after.status == 404
+    assert after.json()["errorMessage"] == f"No route for GET {PING}"
+
+
+@pytest.mark.usefixtures("event_loop_kind")
+def test_expect_100_continue_is_answered_before_the_body() -> None:
+    async def scenario() -> None:
+        async with api_server() as server, raw_connection(server) as (reader, writer):
+            pending = asyncio.create_task(invoke(server, {}, request_id="req-1"))
+            await take_event(reader, writer)
+            head = "Expect: 100-continue\r\nContent-Length: 4\r\n"
+            writer.write(http_request("POST", response_path("req-1"), headers=head))
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT_S)
+            writer.write(b'"ok"')
+            answer = await read_response(reader)
+            reply = await pending
+
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert answer.status == 202
+        assert reply.body == b'"ok"'
+
+    run(scenario())
+
+
+@pytest.mark.usefixtures("event_loop_kind")
+def test_chunked_reply_over_the_limit_fails_the_invocation_before_its_body_ends() -> None:
+    async def scenario() -> None:
+        async with (
+            api_server(max_response_bytes=1024) as server,
+            raw_connection(server) as (reader, writer),
+        ):
+            pending = asyncio.create_task(invoke(server, {}, request_id="req-1"))
+            await take_event(reader, writer)
+            head = "Transfer-Encoding: chunked\r\n"
+            writer.write(http_request("POST", response_path("req-1"), headers=head))
+            writer.write(b"800\r\n" + b"x" * 0x800 + b"\r\n")
+            with pytest.raises(ResponseTooLarge):
+                await asyncio.wait_for(pending, WAIT_S)
+
+            # The rest of the body is dropped as it comes, and the connection stays usable.
+            for _ in range(64):
+                writer.write(b"4000\r\n" + b"x" * 0x4000 + b"\r\n")
+            writer.write(b"0\r\n\r\n")
+            answer = await read_response(reader)
+            following = asyncio.create_task(invoke(server, {"n": 2}, request_id="req-2"))
+            event = await take_event(reader, writer)
+            following.cancel()
+
+        assert answer.status == 413
+        assert answer.json()["errorType"] == "RequestEntityTooLarge"
+        assert event.headers["lambda-runtime-aws-request-id"] == "req-2"
+
+    run(scenario())
+
+
+@pytest.mark.usefixtures("event_loop_kind")
+def test_declared_length_over_the_limit_fails_the_invocation_on_the_headers() -> None:
+    async def scenario() -> None:
+        async with (
+            api_server(max_response_bytes=1024) as server,
+            raw_connection(server) as (reader, writer),
+        ):
+            pending = asyncio.create_task(invoke(server, {}, request_id="req-1"))
+            await take_event(reader, writer)
+            head = "Content-Length: 4096\r\n"
+            writer.write(http_request("POST", response_path("req-1"), headers=head))
+            with pytest.raises(ResponseTooLarge):
+                await asyncio.wait_for(pending, WAIT_S)
+            writer.write(b"x" * 4096)
+            answer = await read_response(reader)
+
+        assert answer.status == 413
+
+    run(scenario())
+
+
+@pytest.mark.usefixtures("event_loop_kind")
+def test_duration_ends_when_the_reply_headers_arrive() -> None:
+    async def scenario() -> InvocationReply:
+        async with api_server() as server, raw_connection(server) as (reader, writer):
+            pending = asyncio.create_task(invoke(server, {}, request_id="req-1"))
+            await take_event(reader, writer)
+            await asyncio.sleep(0.05)
+            head = "Content-Length: 4\r\n"
+            writer.write(http_request("POST", response_path("req-1"), headers=head))
+            await asyncio.sleep(0.5)
+            writer.write(b'"ok"')
+            await read_response(reader)
+            return await pending
+
+    reply = run(scenario())
+
+    assert 0.05 <= (reply.completed_ns - reply.dispatched_ns) / 1e9 < 0.5
+
+
+@pytest.mark.usefixtures("event_loop_kind")
+def test_event_of_an_invocation_given_up_on_is_skipped() -> None:
+    async def scenario() -> RawResponse:
+        async with api_server() as server, raw_connection(server) as (reader, writer):
+            abandoned = server.invoke(
+                request_id="req-1",
+                payload=b"{}",
+                deadline_ms=0,
+                function_arn=FUNCTION_ARN,
+                trace_id=TRACE_ID,
+            )
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(abandoned, 0.01)
+            pending = asyncio.create_task(invoke(server, {}, request_id="req-2"))
+            event = await take_event(reader, writer)
+            pending.cancel()
+            return event
+
+    event = run(scenario())
+
+    assert event.headers["lambda-runtime-aws-request-id"] == "req-2"
+
+
+@pytest.mark.usefixtures("event_loop_kind")
+def test_poll_of_a_connection_that_hung_up_is_withdrawn() -> None:
+    async def scenario() -> None:
+        async with (
+            api_server() as server,
+            raw_connection(server) as (_, gone),
+            raw_connection(server) as (reader, writer),
+        ):
+            gone.write(http_request("GET", NEXT))
+            await wait_init(server)
+            writer.write(http_request("GET", NEXT))
+            gone.close()
+            await gone.wait_closed()
+            await asyncio.sleep(0.1)
+
+            pending = asyncio.create_task(invoke(server, {"kept": True}, request_id="req-1"))
+            event = await read_response(reader)
+            pending.cancel()
+
+        assert event.json() == {"kept": True}
+
+    run(scenario())
+
+
+@pytest.mark.usefixtures("event_loop_kind")
+def test_event_that_cannot_be_written_to_a_polling_connection_goes_to_the_next_poll() -> None:
+    async def scenario() -> RawResponse:
+        async with api_server() as server, raw_connection(server) as (_, gone):
+            # What is pipelined behind the poll stops the server reading, so it does not see
+            # the hang-up until it writes the event.
+            gone.write(http_request("GET", NEXT) + http_request("GET", PING))
+            await wait_init(server)
+            await asyncio.sleep(0.1)
+            gone.close()
+            await gone.wait_closed()
+
+            pending = asyncio.create_task(invoke(server, {"kept": True}, request_id="req-1"))
+            async with raw_connection(server) as (reader, writer):
+                event = await take_event(reader, writer)
+            pending.cancel()
+            return event
+
+    assert run(scenario()).json() == {"kept": True}
+
+
+@pytest.mark.usefixtures("event_loop_kind")
+def test_assignment_poll_of_a_connection_that_hung_up_is_withdrawn() -> None:
+    async def scenario() -> None:
+        async with api_server(prestarted=True) as server, raw_connection(server) as (_, writer):
+            writer.write(http_request("GET", ASSIGNMENT_PATH))
+            await wait_for_assignment_poll(server)
+            assert server.awaiting_assignment
+            writer.close()
+            await writer.wait_closed()
+
+            await eventually(lambda: not server.awaiting_assignment)
+            assert server.assign({"A": "1"}) is False
 
     run(scenario())
 
