@@ -29,6 +29,7 @@ from app.metering.routes import router as usage_router
 from app.packages.store import open_object_store
 from app.platform import Platform
 from app.scheduler.metrics import Metrics
+from app.scheduler.processes import ApiProcessRegistry
 from app.scheduler.routes import router as operations_router
 from app.scheduler.service import Scheduler
 from app.settings import Settings, get_settings
@@ -132,6 +133,9 @@ async def build_platform(settings: Settings) -> Platform:
         metrics=metrics,
     )
     await restore_provisioned(platform)
+    # Before the scheduler's first round, so that provisioned concurrency starts divided.
+    scheduler.processes = ApiProcessRegistry(platform)
+    await scheduler.processes.start()
     scheduler.start()
     platform.writer = InvocationWriter(platform)
     platform.writer.start()
@@ -139,6 +143,8 @@ async def build_platform(settings: Settings) -> Platform:
 
 
 async def close_platform(platform: Platform) -> None:
+    if platform.scheduler.processes is not None:
+        await platform.scheduler.processes.close()
     await platform.scheduler.close()
     if platform.writer is not None:
         await platform.writer.close()

@@ -14,14 +14,17 @@ from app.db import Base
 from app.functions.models import Function
 from app.invocations.models import Invocation
 from app.metering.models import LateHour, RollupState, UsageHour, UsageMinute, UsageRecord
+from app.scheduler.models import ApiProcess, ConcurrencyLease
 from app.tenants.models import ApiKey, Tenant
 from app.workers.models import WorkerRecord
 
 __all__ = [
     "ApiKey",
+    "ApiProcess",
     "Base",
     "Budget",
     "BudgetEvent",
+    "ConcurrencyLease",
     "Function",
     "Invocation",
     "Invoice",

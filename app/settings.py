@@ -101,6 +101,12 @@ class Settings(BaseSettings):
         description="A remote worker silent this long is declared dead: its instances leave the "
         "pool and its invocations in flight fail with WorkerLostException.",
     )
+    api_dead_after_s: float = Field(
+        5.0,
+        description="An API process silent this long (it heartbeats every LAMBENT_HEARTBEAT_S) "
+        "no longer counts: its invocations stop counting against concurrency limits, and "
+        "provisioned concurrency is divided among the others.",
+    )
     worker_drain_s: float = Field(
         30.0, description="How long a stopping worker lets running invocations finish."
     )

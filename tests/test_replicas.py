@@ -1,16 +1,19 @@
 """Several API processes serving through the same remote workers, as behind a load balancer.
 
-Three `lambent serve` processes with no embedded worker share the session's PostgreSQL database
-and a bucket (moto). The workers heartbeat to the first process only, as a load balancer would
-send each worker's calls to one of them: the other processes learn of the workers, and of their
-deaths, from the database alone.
+Three `lambent serve` processes with no embedded worker share a PostgreSQL database and a bucket
+(moto). The workers heartbeat to the first process only, as a load balancer would send each
+worker's calls to one of them: the other processes learn of the workers, and of their deaths,
+from the database alone. Concurrency limits and provisioned concurrency hold across the
+processes, through the same database.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,10 +21,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY
+from tests.conftest import ADMIN_KEY, postgres_base_url, with_database
 from tests.s3 import MotoS3
 from tests.support import (
     LAMBENT,
@@ -47,6 +51,17 @@ import os, time
 def handler(event, context):
     time.sleep(event.get("sleep", 0))
     return {"instance": os.environ["AWS_LAMBDA_LOG_STREAM_NAME"].split("/", 1)[1]}
+"""
+
+
+# Each invocation says when the handler ran, to tell how many ran at once.
+TIMED = """
+import time
+
+def handler(event, context):
+    start = time.time()
+    time.sleep(event.get("sleep", 0))
+    return {"start": start, "end": time.time()}
 """
 
 
@@ -113,14 +128,37 @@ def start_api(root: Path, n: int, database_url: str, env: dict[str, str], **kw: 
     )
 
 
+def sql(database_url: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    async def fetch() -> list[asyncpg.Record]:
+        connection = await asyncpg.connect(database_url)
+        try:
+            return await connection.fetch(query, *args)
+        finally:
+            await connection.close()
+
+    return asyncio.run(fetch())
+
+
 @pytest.fixture(scope="module")
-def apis(root: Path, postgres_database: str, server_env: dict[str, str]) -> Iterator[list[Server]]:
+def replica_database() -> Iterator[str]:
+    """A database of this module's own: the API processes of other tests' servers would count
+    among the live ones, and take a share of provisioned concurrency."""
+    name = f"lambent_replicas_{uuid.uuid4().hex[:10]}"
+    sql(postgres_base_url(), f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(postgres_base_url(), name)
+    finally:
+        sql(postgres_base_url(), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def apis(root: Path, replica_database: str, server_env: dict[str, str]) -> Iterator[list[Server]]:
     # As in production: one migration run, then the API processes.
     subprocess.run(
         [str(LAMBENT), "migrate"],
         env={
             **{k: v for k, v in os.environ.items() if not k.startswith("LAMBENT_")},
-            "LAMBENT_DATABASE_URL": postgres_database,
+            "LAMBENT_DATABASE_URL": replica_database,
             "LAMBENT_DATA_DIR": str(root / "migrate"),
         },
         check=True,
@@ -131,7 +169,7 @@ def apis(root: Path, postgres_database: str, server_env: dict[str, str]) -> Iter
     try:
         with ThreadPoolExecutor(PROCESSES) as pool:
             starting = [
-                pool.submit(start_api, root, n, postgres_database, server_env)
+                pool.submit(start_api, root, n, replica_database, server_env)
                 for n in range(PROCESSES)
             ]
             running.extend(future.result() for future in starting)
@@ -231,7 +269,7 @@ def test_a_restarted_api_process_leaves_the_other_processes_warm_instances_alone
     apis: list[Server],
     workers: list[WorkerAgent],
     tenant: Tenant,
-    postgres_database: str,
+    replica_database: str,
     server_env: dict[str, str],
 ) -> None:
     tenant.deploy("steady", WHERE)
@@ -243,7 +281,7 @@ def test_a_restarted_api_process_leaves_the_other_processes_warm_instances_alone
     crashing.process.kill()
     crashing.process.wait()
     port = int(crashing.base_url.rsplit(":", 1)[1])
-    apis[2] = start_api(root, 2, postgres_database, server_env, port=port)
+    apis[2] = start_api(root, 2, replica_database, server_env, port=port)
 
     assert [listed(apis[2])[w.id]["status"] for w in workers] == ["healthy"] * 2
     again = invoke(tenant, steady, "steady")
@@ -299,12 +337,12 @@ def test_a_worker_that_stops_answering_fails_the_calls_of_a_process_it_never_hea
 
 def test_lambent_serve_with_two_processes_serves_invocations(
     root: Path,
-    postgres_database: str,
+    replica_database: str,
     server_env: dict[str, str],
     workers: list[WorkerAgent],
     tenant: Tenant,
 ) -> None:
-    api = start_api(root, PROCESSES, postgres_database, {**server_env, "LAMBENT_API_WORKERS": "2"})
+    api = start_api(root, PROCESSES, replica_database, {**server_env, "LAMBENT_API_WORKERS": "2"})
     try:
         wait_for(lambda: api.log().count("lambent ready") == 2)
         tenant.deploy("forked", WHERE)
@@ -331,3 +369,145 @@ def test_lambent_serve_refuses_several_processes_with_an_embedded_worker(root: P
 
     assert refused.returncode == 2
     assert "LAMBENT_EMBEDDED_WORKER=false" in refused.stderr
+
+
+# Concurrency limits and provisioned concurrency hold across the API processes.
+
+
+def burst(tenant: Tenant, apis: list[Server], name: str, clients: int) -> list[httpx.Response]:
+    """``clients`` invocations released at one instant, spread evenly over the processes."""
+    barrier = threading.Barrier(clients)
+
+    def call(n: int) -> httpx.Response:
+        with apis[n % len(apis)].client(tenant.key) as client:
+            barrier.wait(timeout=30)
+            return client.post(f"/v1/functions/{name}/invocations", json={"sleep": 1})
+
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(call, range(clients)))
+
+
+def most_at_once(responses: list[httpx.Response]) -> int:
+    edges = sorted(
+        edge
+        for r in responses
+        if r.status_code == 200
+        for edge in ((r.json()["start"], 1), (r.json()["end"], -1))
+    )
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def assert_throttled(responses: list[httpx.Response], limit: int) -> None:
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429}, [r.text for r in responses]
+    assert codes.count(200) >= limit
+    # Without a shared count each process would admit up to the limit: three times as many.
+    assert most_at_once(responses) <= limit
+    for throttled in (r for r in responses if r.status_code == 429):
+        assert throttled.json()["type"] == "TooManyRequestsException"
+        assert throttled.headers["retry-after"] == "1"
+
+
+def test_reserved_concurrency_holds_across_the_api_processes(
+    apis: list[Server], workers: list[WorkerAgent], tenant: Tenant
+) -> None:
+    tenant.deploy("reserved-two", TIMED, timeout_s=10)
+    response = tenant.http.put(
+        "/v1/functions/reserved-two/concurrency", json={"reserved_concurrency": 2}
+    )
+    assert response.status_code == 200, response.text
+
+    responses = burst(tenant, apis, "reserved-two", 12)
+
+    assert_throttled(responses, 2)
+    assert [r.status_code for r in responses].count(429) >= 6
+
+
+def test_the_tenant_limit_holds_across_the_api_processes(
+    apis: list[Server], workers: list[WorkerAgent]
+) -> None:
+    limited = create_tenant(apis[0])
+    try:
+        with apis[0].admin() as admin:
+            response = admin.patch(f"/v1/tenants/{limited.id}", json={"concurrency_limit": 2})
+        assert response.status_code == 200, response.text
+        limited.deploy("unreserved", TIMED, timeout_s=10)
+
+        responses = burst(limited, apis, "unreserved", 12)
+
+        assert_throttled(responses, 2)
+        assert [r.status_code for r in responses].count(429) >= 6
+    finally:
+        limited.http.close()
+
+
+def test_provisioned_concurrency_is_divided_among_the_api_processes(
+    apis: list[Server], workers: list[WorkerAgent], tenant: Tenant
+) -> None:
+    tenant.deploy("divided", WHERE)
+
+    response = tenant.http.put(
+        "/v1/functions/divided/provisioned-concurrency", json={"provisioned_concurrency": 3}
+    )
+    assert response.status_code == 200, response.text
+
+    def listing(api: Server) -> list[dict[str, Any]]:
+        with api.client(tenant.key) as client:
+            return client.get("/v1/functions/divided/instances").json()["instances"]
+
+    def status(api: Server) -> dict[str, Any]:
+        with api.client(tenant.key) as client:
+            return client.get("/v1/functions/divided/provisioned-concurrency").json()
+
+    try:
+        wait_for(lambda: all(status(api)["status"] == "READY" for api in apis), timeout_s=20)
+        time.sleep(3)  # a few more rounds of every process: none starts more
+
+        assert len(listing(apis[-1])) == 3
+        # Each process marks the instances it keeps; one each.
+        assert [sum(i["provisioned"] for i in listing(api)) for api in apis] == [1, 1, 1]
+        assert {status(api)["ready"] for api in apis} == {3}
+    finally:
+        tenant.http.delete("/v1/functions/divided/provisioned-concurrency")
+
+
+def test_the_leases_of_a_killed_api_process_stop_counting(
+    root: Path,
+    apis: list[Server],
+    workers: list[WorkerAgent],
+    tenant: Tenant,
+    replica_database: str,
+    server_env: dict[str, str],
+) -> None:
+    tenant.deploy("held", TIMED, timeout_s=60)
+    tenant.http.put("/v1/functions/held/concurrency", json={"reserved_concurrency": 1})
+    doomed = start_api(root, PROCESSES + 1, replica_database, server_env)
+    try:
+        holding = in_background(lambda: invoke(tenant, doomed, "held", {"sleep": 15}))
+        [lease] = wait_for(lambda: sql(replica_database, "SELECT * FROM concurrency_leases"))
+        assert invoke(tenant, apis[0], "held").status_code == 429
+
+        doomed.process.kill()
+        doomed.process.wait()
+        killed_at = time.monotonic()
+        wait_for(lambda: invoke(tenant, apis[0], "held").status_code == 200, timeout_s=20)
+        freed_s = time.monotonic() - killed_at
+
+        assert freed_s < DECLARED_WITHIN_S
+        with pytest.raises(httpx.HTTPError):
+            holding.result(timeout=10)
+        wait_for(
+            lambda: (
+                not sql(
+                    replica_database,
+                    "SELECT 1 FROM concurrency_leases WHERE process_id = $1",
+                    lease["process_id"],
+                )
+            )
+        )
+    finally:
+        doomed.stop()

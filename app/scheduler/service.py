@@ -13,7 +13,9 @@ not its to stop. Workers stop the idle instances that no API process looks after
 
 Concurrency follows Lambda: a function with reserved concurrency R runs at most R invocations at
 once (R = 0 throttles it), and the tenant's other functions share what is left of the tenant's
-limit. The counters live in this process: with several API replicas each enforces its share.
+limit. The limits hold across every live API process (app/scheduler/ledger.py): counted in
+memory while this is the only one, in the database while there are others. Provisioned
+concurrency is divided among the live API processes, each keeping its share of the instances.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from app.errors import ServiceUnavailable, TooManyRequests
 from app.logging import get_logger
+from app.scheduler.ledger import ConcurrencyLedger, Slot, SlotState
 from workers.client import WorkerClient
 from workers.protocol import (
     InstanceGone,
@@ -39,6 +43,9 @@ from workers.protocol import (
     WorkerUnavailable,
     WorkerUnreachable,
 )
+
+if TYPE_CHECKING:
+    from app.scheduler.processes import ApiProcessRegistry
 
 log = get_logger(__name__)
 
@@ -64,6 +71,27 @@ class ConcurrencyLimits:
     tenant_limit: int
     reserved: int | None = None  # this function's reservation, if any
     tenant_reserved_total: int = 0  # all reservations of the tenant's functions
+
+    @property
+    def unreserved(self) -> int:
+        """What the tenant's functions without a reservation share."""
+        return max(0, self.tenant_limit - self.tenant_reserved_total)
+
+    def applying(self) -> tuple[bool, int]:
+        """Whether the function's reservation is what limits it, and the limit that applies."""
+        if self.reserved is not None:
+            return True, self.reserved
+        return False, self.unreserved
+
+
+@dataclass(frozen=True)
+class Peers:
+    """The live API processes as this one last saw them, itself included."""
+
+    index: int = 0  # this process's place among them, ordered by id
+    count: int = 1
+    # Provisioned instances the others have ready, per function id.
+    provisioned_ready: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -113,8 +141,10 @@ class Scheduler:
         self.live: dict[str, Lease] = {}
         self._idle: dict[PoolKey, list[Lease]] = {}
         self._current_revision: dict[str, int] = {}
-        self._inflight_function: Counter[str] = Counter()
-        self._inflight_unreserved: Counter[str] = Counter()
+        self.ledger = ConcurrencyLedger()
+        self.peers = Peers()
+        # The registry of API processes that keeps ledger and peers up to date, once started.
+        self.processes: ApiProcessRegistry | None = None
         self._provisioned: dict[str, tuple[InstanceSpec, int]] = {}
         self._provisioning: dict[str, asyncio.Task[None]] = {}
         self._freed = asyncio.Condition()
@@ -154,57 +184,65 @@ class Scheduler:
 
     # Concurrency.
 
-    def _admit(self, spec: InstanceSpec, limits: ConcurrencyLimits) -> Callable[[], None]:
-        """Take a concurrency slot for one invocation, or raise Throttled."""
+    def _admit(self, spec: InstanceSpec, limits: ConcurrencyLimits) -> Slot:
+        """Take a concurrency slot for one invocation, or raise Throttled.
+
+        Counted in this process alone; _admit_shared counts every live API process's.
+        """
+        reserved, limit = limits.applying()
+        slot = self.ledger.admit(spec.tenant_id, spec.function_id, reserved, limit)
+        if slot is None:
+            raise self._throttle(spec, limits)
+        return slot
+
+    async def _admit_shared(self, spec: InstanceSpec, limits: ConcurrencyLimits) -> Slot:
+        reserved, limit = limits.applying()
+        slot = await self.ledger.admit_shared(spec.tenant_id, spec.function_id, reserved, limit)
+        if slot is None:
+            raise self._throttle(spec, limits)
+        return slot
+
+    def _throttle(self, spec: InstanceSpec, limits: ConcurrencyLimits) -> Throttled:
         if limits.reserved is not None:
-            if self._inflight_function[spec.function_id] >= limits.reserved:
-                self._throttled(spec, "reserved")
-                raise Throttled(
-                    f"function {spec.function_name!r} is at its reserved concurrency "
-                    f"({limits.reserved})",
-                    retry_after_s=RETRY_AFTER_S,
-                )
-            self._inflight_function[spec.function_id] += 1
-
-            def release_reserved() -> None:
-                self._inflight_function[spec.function_id] -= 1
-
-            return release_reserved
-
-        unreserved = max(0, limits.tenant_limit - limits.tenant_reserved_total)
-        if self._inflight_unreserved[spec.tenant_id] >= unreserved:
-            self._throttled(spec, "tenant")
-            raise Throttled(
-                f"the tenant's functions without reserved concurrency are at their limit "
-                f"({unreserved} of the tenant's {limits.tenant_limit})",
+            self._throttled(spec, "reserved")
+            return Throttled(
+                f"function {spec.function_name!r} is at its reserved concurrency "
+                f"({limits.reserved})",
                 retry_after_s=RETRY_AFTER_S,
             )
-        self._inflight_unreserved[spec.tenant_id] += 1
-        self._inflight_function[spec.function_id] += 1
-
-        def release() -> None:
-            self._inflight_unreserved[spec.tenant_id] -= 1
-            self._inflight_function[spec.function_id] -= 1
-
-        return release
+        self._throttled(spec, "tenant")
+        return Throttled(
+            f"the tenant's functions without reserved concurrency are at their limit "
+            f"({limits.unreserved} of the tenant's {limits.tenant_limit})",
+            retry_after_s=RETRY_AFTER_S,
+        )
 
     def _throttled(self, spec: InstanceSpec, reason: str) -> None:
         if self.on_throttle is not None:
             self.on_throttle(spec, reason)
 
     def inflight(self, function_id: str) -> int:
-        return self._inflight_function[function_id]
+        """This process's invocations of the function in flight."""
+        return self.ledger.function[function_id]
 
     # The invoke path.
 
     async def invoke(
         self, spec: InstanceSpec, request: InvokeRequest, limits: ConcurrencyLimits
     ) -> Scheduled:
-        release = self._admit(spec, limits)
+        ledger = self.ledger
+        if ledger.shared:
+            slot = await self._admit_shared(spec, limits)
+        else:
+            # The only live API process: the counters in memory are the whole count.
+            slot = self._admit(spec, limits)
         try:
             return await self._invoke(spec, request)
         finally:
-            release()
+            if slot.state is SlotState.LOCAL:
+                ledger.release(slot)
+            else:
+                await ledger.release_leased(slot)
 
     async def _invoke(self, spec: InstanceSpec, request: InvokeRequest) -> Scheduled:
         self._note_revision(spec)
@@ -445,7 +483,28 @@ class Scheduler:
             return
         self._provisioned[spec.function_id] = (spec, count)
 
+    def provisioned_settings(self) -> dict[str, tuple[InstanceSpec, int]]:
+        """Every function's provisioned concurrency as this process knows it, in total."""
+        return dict(self._provisioned)
+
+    def provisioned_share(self, function_id: str, count: int) -> int:
+        """The instances of ``count`` that this API process keeps; the live ones' add up to it.
+
+        Each keeps count // P, and count % P of them one more. Which ones turns with the
+        function, so that many functions of one instance each spread over the processes.
+        """
+        peers = self.peers
+        if peers.count <= 1:
+            return count
+        place = (peers.index - zlib.crc32(function_id.encode())) % peers.count
+        return count // peers.count + (1 if place < count % peers.count else 0)
+
     def provisioned_ready(self, function_id: str) -> int:
+        """Provisioned instances ready in every live API process, as of their last heartbeat."""
+        elsewhere = self.peers.provisioned_ready.get(function_id, 0)
+        return self.provisioned_ready_here(function_id) + elsewhere
+
+    def provisioned_ready_here(self, function_id: str) -> int:
         revision = self._current_revision.get(function_id)
         return sum(
             1
@@ -456,8 +515,10 @@ class Scheduler:
         )
 
     async def ensure_provisioned(self) -> None:
-        """Start what provisioned concurrency is missing; release what is over."""
-        for function_id, (spec, count) in list(self._provisioned.items()):
+        """Start what this process's share of provisioned concurrency is missing; release what
+        is over."""
+        for function_id, (spec, configured) in list(self._provisioned.items()):
+            count = self.provisioned_share(function_id, configured)
             mine = [
                 lease
                 for lease in self.live.values()
