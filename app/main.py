@@ -23,7 +23,7 @@ from app.functions.routes import router as functions_router
 from app.functions.service import restore_provisioned
 from app.invocations.fastpath import InvokeFastPath
 from app.invocations.routes import router as invocations_router
-from app.invocations.writer import InvocationWriter
+from app.invocations.writer import open_writer
 from app.logging import configure_logging, get_logger
 from app.metering.routes import router as usage_router
 from app.packages.store import open_object_store
@@ -137,7 +137,7 @@ async def build_platform(settings: Settings) -> Platform:
     scheduler.processes = ApiProcessRegistry(platform)
     await scheduler.processes.start()
     scheduler.start()
-    platform.writer = InvocationWriter(platform)
+    platform.writer = open_writer(platform)
     platform.writer.start()
     return platform
 

@@ -35,6 +35,7 @@ from app.billing.schemas import (
 )
 from app.billing.service import PlanHistory, terms_of
 from app.errors import InvalidParameterValue
+from app.invocations.writer import records_settled
 from app.platform import Platform, get_platform
 from app.tenants.schemas import ResourceName
 
@@ -271,7 +272,7 @@ async def get_my_plan(
     )
 
 
-@router.get("/v1/invoices", response_model=InvoiceList)
+@router.get("/v1/invoices", response_model=InvoiceList, dependencies=[Depends(records_settled)])
 async def list_invoices(
     tenant_id: str = Depends(require_tenant), platform: Platform = Depends(get_platform)
 ) -> InvoiceList:
@@ -293,7 +294,12 @@ async def _tenant_invoice(platform: Platform, tenant_id: str, invoice_id: str) -
         )
 
 
-@router.get("/v1/invoices/{invoice_id}.csv", response_class=Response, responses=CSV_RESPONSE)
+@router.get(
+    "/v1/invoices/{invoice_id}.csv",
+    response_class=Response,
+    responses=CSV_RESPONSE,
+    dependencies=[Depends(records_settled)],
+)
 async def get_invoice_csv(
     invoice_id: str,
     tenant_id: str = Depends(require_tenant),
@@ -303,7 +309,9 @@ async def get_invoice_csv(
     return invoice_csv(await _tenant_invoice(platform, tenant_id, invoice_id))
 
 
-@router.get("/v1/invoices/{invoice_id}", response_model=InvoiceOut)
+@router.get(
+    "/v1/invoices/{invoice_id}", response_model=InvoiceOut, dependencies=[Depends(records_settled)]
+)
 async def get_invoice(
     invoice_id: str,
     tenant_id: str = Depends(require_tenant),
@@ -316,7 +324,9 @@ async def get_invoice(
 # Operator: every tenant's invoices.
 
 
-@router.get("/v1/operator/invoices", response_model=InvoiceList)
+@router.get(
+    "/v1/operator/invoices", response_model=InvoiceList, dependencies=[Depends(records_settled)]
+)
 async def list_all_invoices(
     tenant_id: str | None = Query(None, description="Only this tenant's"),
     period: str | None = Query(None, description="Only this period, YYYY-MM"),
@@ -348,7 +358,10 @@ async def _any_invoice(platform: Platform, invoice_id: str) -> InvoiceView:
 
 
 @router.get(
-    "/v1/operator/invoices/{invoice_id}.csv", response_class=Response, responses=CSV_RESPONSE
+    "/v1/operator/invoices/{invoice_id}.csv",
+    response_class=Response,
+    responses=CSV_RESPONSE,
+    dependencies=[Depends(records_settled)],
 )
 async def get_any_invoice_csv(
     invoice_id: str,
@@ -359,7 +372,11 @@ async def get_any_invoice_csv(
     return invoice_csv(await _any_invoice(platform, invoice_id))
 
 
-@router.get("/v1/operator/invoices/{invoice_id}", response_model=InvoiceOut)
+@router.get(
+    "/v1/operator/invoices/{invoice_id}",
+    response_model=InvoiceOut,
+    dependencies=[Depends(records_settled)],
+)
 async def get_any_invoice(
     invoice_id: str,
     _: Principal = Depends(require_operator),
@@ -399,7 +416,7 @@ async def set_budget(
     return budget_out(status)
 
 
-@router.get("/v1/budget", response_model=BudgetOut)
+@router.get("/v1/budget", response_model=BudgetOut, dependencies=[Depends(records_settled)])
 async def get_budget(
     tenant_id: str = Depends(require_tenant), platform: Platform = Depends(get_platform)
 ) -> BudgetOut:
@@ -423,7 +440,9 @@ async def delete_budget(
     return Response(status_code=204)
 
 
-@router.get("/v1/budget/events", response_model=BudgetEventList)
+@router.get(
+    "/v1/budget/events", response_model=BudgetEventList, dependencies=[Depends(records_settled)]
+)
 async def list_budget_events(
     tenant_id: str = Depends(require_tenant), platform: Platform = Depends(get_platform)
 ) -> BudgetEventList:

@@ -11,6 +11,7 @@ from app.http import read_limited
 from app.invocations import service
 from app.invocations.models import Invocation
 from app.invocations.schemas import FunctionError, InvocationList, InvocationOut, InvocationSummary
+from app.invocations.writer import records_settled
 from app.platform import Platform, get_platform
 from app.tenants.schemas import ResourceName
 from app.tenants.scope import TenantScope
@@ -123,7 +124,11 @@ async def invoke_reply(
     return 200, headers, outcome.body
 
 
-@router.get("/v1/invocations/{request_id}", response_model=InvocationOut)
+@router.get(
+    "/v1/invocations/{request_id}",
+    response_model=InvocationOut,
+    dependencies=[Depends(records_settled)],
+)
 async def get_invocation(
     request_id: str,
     tenant_id: str = Depends(require_tenant),
@@ -139,7 +144,11 @@ async def get_invocation(
     return InvocationOut(**_summary_fields(row), logs=row.logs)
 
 
-@router.get("/v1/functions/{name}/invocations", response_model=InvocationList)
+@router.get(
+    "/v1/functions/{name}/invocations",
+    response_model=InvocationList,
+    dependencies=[Depends(records_settled)],
+)
 async def list_invocations(
     name: ResourceName,
     limit: int = Query(50, ge=1, le=1000),

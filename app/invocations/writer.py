@@ -1,21 +1,24 @@
-"""Writes invocation outcomes and their usage records, many per transaction.
+"""Writes invocation outcomes and their usage records.
 
-Every invocation ends with two rows written in one transaction, before its caller is answered.
-Done one by one from concurrent requests, those transactions fight for SQLite's single write
-lock (its busy handler sleeps and retries, which sets the tail), and each pays the driver's
-thread hand-offs alone. Here one task writes: it takes everything queued, writes it all in one
-transaction, commits, and only then wakes each caller. Under load a batch holds many
-invocations; alone, one invocation waits for no one. A failed batch fails each caller in it.
+Every invocation ends with two rows, its final status and its usage record, written in one
+transaction. How, and when its caller is answered, depends on the database.
 
-On SQLite the batch goes through the standard library's driver on the event loop's own thread.
-An insert of two small rows and a commit (WAL, synchronous=NORMAL: no fsync) costs tens of
-microseconds, less than a single hand-off to the thread of an async driver; aiosqlite made about
-eight such hand-offs per batch. The connection never waits for SQLite's write lock: when another
-connection holds it (a rollup, an API change), the attempt fails at once and the task retries
-after a short sleep, so the loop is never blocked on a lock. When the writer task has nothing
-queued and is not writing, an invocation's rows are written by its own request at once, which
-spares it two hand-overs between tasks. PostgreSQL has a native async
-driver and is written through SQLAlchemy.
+PostgreSQL (``BatchWriter``): the rows are committed before the caller is answered. Done one by
+one from concurrent requests, those transactions would each pay a round trip and a commit; here
+one task writes: it takes everything queued, writes it in one transaction, commits, and only
+then wakes each caller. Under load a batch holds many invocations; alone, one waits for no one.
+A failed batch fails each caller in it.
+
+SQLite (``SqliteWriter``): the rows are appended to this process's journal file (one write(2))
+and the caller is answered; they are committed right after, on the event loop's own thread,
+through the standard library's driver. The journal line survives the process being killed,
+which is all SQLite itself promises with synchronous=NORMAL (it does not fsync either), and a
+restart commits what a dead process left in its journal. The commit (two rows in several
+B-trees, some ten WAL frames) is thus off the caller's wait, which it used to dominate. Reads of
+invocation records wait for what this process has not committed yet (``settled``), so a caller
+that reads its own invocation back finds it. The connection never waits for SQLite's write lock:
+when another connection holds it (a rollup, an API change), the attempt fails at once and a task
+retries after a short sleep, so the event loop is never blocked on a lock.
 """
 
 from __future__ import annotations
@@ -27,42 +30,71 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from fastapi import Depends
 from sqlalchemy import Table, insert
 from sqlalchemy.engine import make_url
 
+from app.invocations import journal
+from app.invocations.journal import Entry, Journal
 from app.invocations.models import Invocation
 from app.logging import get_logger
 from app.metering import recorder
 from app.metering.models import LateHour, UsageRecord
-from app.platform import Platform
+from app.platform import Platform, get_platform
 
 log = get_logger(__name__)
 
 MAX_BATCH = 256
-# How long a batch keeps retrying while other connections hold SQLite's write lock; the same
-# bound as the busy timeout of every other connection.
-LOCK_WAIT_S = 30.0
 LOCK_RETRY_FIRST_S = 0.001
 LOCK_RETRY_MAX_S = 0.05
-
-# The invocation row, its usage row, and the future of the caller waiting for them (None when
-# the caller wrote them itself).
-Item = tuple[dict[str, Any], dict[str, Any], asyncio.Future[None] | None]
+# A commit that failed for another reason than the lock (a full disk) is retried this often;
+# the rows are safe in the journal meanwhile.
+FAILURE_RETRY_S = 1.0
+# How long close() keeps trying to commit what is left; what it cannot stays in the journal.
+CLOSE_WAIT_S = 5.0
 
 # The text form SQLAlchemy stores SQLite timestamps in; rollups and every query rely on it.
 SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
 
 
 class InvocationWriter:
+    """What the invoke path writes its records through."""
+
+    def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def write(self, invocation_row: dict[str, Any], usage_row: dict[str, Any]) -> None:
+        """Return once the rows are durable: committed, or journaled to be committed."""
+        raise NotImplementedError
+
+    async def settled(self) -> None:
+        """Return once everything written through this process so far is committed."""
+
+
+async def records_settled(platform: Platform = Depends(get_platform)) -> None:
+    """A dependency of the routes that read invocation and usage records: they see every
+    invocation this process has answered."""
+    if platform.writer is not None:
+        await platform.writer.settled()
+
+
+def open_writer(platform: Platform) -> InvocationWriter:
+    url = make_url(platform.db.url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        return SqliteWriter(platform, str(url.database))
+    return BatchWriter(platform)
+
+
+# The invocation row, its usage row, and the future of the caller waiting for them.
+Item = tuple[dict[str, Any], dict[str, Any], asyncio.Future[None]]
+
+
+class BatchWriter(InvocationWriter):
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._busy = False  # the writer task is writing a batch
-        self._sqlite: SqliteRows | None = None
-        url = make_url(platform.db.url)
-        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-            self._sqlite = SqliteRows(str(url.database))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -76,16 +108,8 @@ class InvocationWriter:
             *_, waiter = self._queue.get_nowait()
             if not waiter.done():
                 waiter.set_exception(RuntimeError("the platform is shutting down"))
-        if self._sqlite is not None:
-            self._sqlite.close()
 
     async def write(self, invocation_row: dict[str, Any], usage_row: dict[str, Any]) -> None:
-        """Return once both rows are committed together."""
-        # Nothing to batch with: write at once, sparing the hand-over to the writer task. A
-        # taken lock leaves it to that task, which waits for it without blocking anyone.
-        idle = self._sqlite is not None and not self._busy and self._queue.empty()
-        if idle and self._write_sqlite([(invocation_row, usage_row, None)]):
-            return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((invocation_row, usage_row, waiter))
         # Shielded: a caller that goes away must not cancel a write already under way.
@@ -96,49 +120,146 @@ class InvocationWriter:
             batch = [await self._queue.get()]
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            self._busy = True
             try:
                 await self._write(batch)
             except Exception as exc:  # noqa: BLE001 - each caller gets the failure instead
                 log.exception("writing invocation records failed", invocations=len(batch))
                 for *_, waiter in batch:
-                    if waiter is not None and not waiter.done():
+                    if not waiter.done():
                         waiter.set_exception(exc)
                 continue
-            finally:
-                self._busy = False
             for *_, waiter in batch:
-                if waiter is not None and not waiter.done():
+                if not waiter.done():
                     waiter.set_result(None)
 
     async def _write(self, batch: list[Item]) -> None:
         invocations = [item[0] for item in batch]
         usage = [item[1] for item in batch] if self.platform.settings.metering_enabled else []
-        if self._sqlite is None:
-            async with self.platform.db.engine.begin() as connection:
-                await connection.execute(insert(Invocation), invocations)
-                await recorder.record_usage_many(self.platform, connection, usage)
+        async with self.platform.db.engine.begin() as connection:
+            await connection.execute(insert(Invocation), invocations)
+            await recorder.record_usage_many(self.platform, connection, usage)
+
+
+# A journaled invocation waiting for its commit: its journal entry and its usage row.
+Pending = tuple[Entry, dict[str, Any] | None]
+
+
+class SqliteWriter(InvocationWriter):
+    def __init__(self, platform: Platform, path: str) -> None:
+        self.platform = platform
+        self.rows = SqliteRows(path)
+        self.journal_dir = platform.settings.data_dir / "journal"
+        self._journal: Journal | None = None
+        self._pending: list[Pending] = []
+        self._commit_scheduled = False
+        self._retrying: asyncio.Task[None] | None = None
+        self._settle_waiters: list[asyncio.Future[None]] = []
+
+    def start(self) -> None:
+        self.recover()
+        self._journal = Journal(self.journal_dir)
+
+    def recover(self) -> int:
+        """Commit what dead processes left in their journals; how many invocations that was."""
+        recovered = 0
+        for path, entries in journal.orphans(self.journal_dir):
+            if entries:
+                while not self.rows.write_entries(entries, recovered=True):
+                    time.sleep(LOCK_RETRY_MAX_S)
+            path.unlink(missing_ok=True)
+            recovered += len(entries)
+        if recovered:
+            log.info("invocation records recovered from journals", invocations=recovered)
+        return recovered
+
+    async def close(self) -> None:
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        if self._retrying is not None:
+            self._retrying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retrying
+        while self._pending and time.monotonic() < deadline:
+            try:
+                if self._commit(self._pending):
+                    break
+            except Exception:  # noqa: BLE001 - left in the journal for the next start
+                log.exception("committing invocation records failed at shutdown")
+            await asyncio.sleep(LOCK_RETRY_MAX_S)
+        if self._journal is not None:
+            self._journal.close(committed=not self._pending)
+        if self._pending:
+            log.warning(
+                "invocation records left in the journal for the next start",
+                invocations=len(self._pending),
+            )
+        self.rows.close()
+
+    async def write(self, invocation_row: dict[str, Any], usage_row: dict[str, Any]) -> None:
+        assert self._journal is not None, "the writer is not started"
+        metered = self.platform.settings.metering_enabled
+        entry: Entry = (
+            self.rows.invocations.values(invocation_row),
+            self.rows.usage.values(usage_row) if metered else None,
+        )
+        self._journal.append(entry)
+        self._pending.append((entry, usage_row if metered else None))
+        if not self._commit_scheduled and self._retrying is None:
+            # After the current task step, which goes on to answer the caller.
+            self._commit_scheduled = True
+            asyncio.get_running_loop().call_soon(self._commit_now)
+
+    async def settled(self) -> None:
+        if not self._pending:
             return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._settle_waiters.append(waiter)
+        await waiter
 
-        deadline = time.monotonic() + LOCK_WAIT_S
+    def _commit_now(self) -> None:
+        self._commit_scheduled = False
+        if not self._pending or self._retrying is not None:
+            return
+        try:
+            if self._commit(self._pending):
+                return
+        except Exception:  # noqa: BLE001 - the rows wait in the journal; the task retries
+            log.exception("committing invocation records failed; retrying")
+        self._retrying = asyncio.get_running_loop().create_task(self._retry())
+
+    async def _retry(self) -> None:
         pause = LOCK_RETRY_FIRST_S
-        while not self._write_sqlite(batch):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"SQLite's write lock stayed taken for {LOCK_WAIT_S:.0f} s")
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, LOCK_RETRY_MAX_S)
+        try:
+            while self._pending:
+                try:
+                    committed = self._commit(self._pending)
+                except Exception:  # noqa: BLE001 - the rows wait in the journal meanwhile
+                    log.exception("committing invocation records failed; retrying")
+                    await asyncio.sleep(FAILURE_RETRY_S)
+                    continue
+                if not committed:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, LOCK_RETRY_MAX_S)
+        finally:
+            self._retrying = None
 
-    def _write_sqlite(self, batch: list[Item]) -> bool:
-        """One attempt; False, with nothing written, when another connection holds the lock."""
-        assert self._sqlite is not None
-        invocations = [item[0] for item in batch]
-        usage = [item[1] for item in batch] if self.platform.settings.metering_enabled else []
+    def _commit(self, pending: list[Pending]) -> bool:
+        """Commit everything pending; False, with nothing written, if the lock is taken."""
+        batch = pending[: MAX_BATCH * 4]
+        usage = [row for _, row in batch if row is not None]
         late = recorder.late_hour_rows(recorder.late_records(self.platform, usage))
-        if not self._sqlite.write(invocations, usage, late):
+        if not self.rows.write_entries([entry for entry, _ in batch], late=late):
             return False
+        del pending[: len(batch)]
         if usage:
             recorder.note_usage(self.platform, usage)
-        return True
+        if not pending:
+            assert self._journal is not None
+            self._journal.all_committed()
+            for waiter in self._settle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._settle_waiters.clear()
+        return not pending or self._commit(pending)
 
 
 class SqliteRows:
@@ -154,13 +275,21 @@ class SqliteRows:
         self.usage = _Insert(UsageRecord.__table__)  # type: ignore[arg-type]
         self.late = _Insert(LateHour.__table__, on_conflict="ON CONFLICT DO NOTHING")  # type: ignore[arg-type]
 
-    def write(
+    def write_entries(
         self,
-        invocations: list[dict[str, Any]],
-        usage: list[dict[str, Any]],
-        late: list[dict[str, Any]],
+        entries: list[Entry],
+        *,
+        late: list[dict[str, Any]] | None = None,
+        recovered: bool = False,
     ) -> bool:
-        """Write all rows in one transaction; False, with nothing written, if the lock is taken."""
+        """Write journal entries in one transaction; False, with nothing written, if the lock
+        is taken. ``late`` hours are marked too; a recovered entry's own hour always is, and
+        recovered entries already in the database are skipped."""
+        invocations = [entry[0] for entry in entries]
+        usage = [entry[1] for entry in entries if entry[1] is not None]
+        late_values = [self.late.values(row) for row in late or []]
+        if recovered:
+            late_values += [self.late.values(row) for row in _hours_of(self.usage, usage)]
         connection = self.connection
         try:
             connection.execute("BEGIN IMMEDIATE")
@@ -169,11 +298,11 @@ class SqliteRows:
                 return False
             raise
         try:
-            self.invocations.run(connection, invocations)
+            self.invocations.run(connection, invocations, skip_existing=recovered)
             if usage:
-                self.usage.run(connection, usage)
-            if late:
-                self.late.run(connection, late)
+                self.usage.run(connection, usage, skip_existing=recovered)
+            if late_values:
+                self.late.run(connection, late_values)
             connection.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -191,21 +320,43 @@ class _Insert:
     def __init__(self, table: Table, on_conflict: str = "") -> None:
         self.columns = [column.name for column in table.columns]
         placeholders = ", ".join("?" for _ in self.columns)
-        self.sql = (
-            f"INSERT INTO {table.name} ({', '.join(self.columns)}) VALUES ({placeholders}) "
-            f"{on_conflict}"
-        ).strip()
+        into = f"INTO {table.name} ({', '.join(self.columns)}) VALUES ({placeholders})"
+        self.sql = f"INSERT {into} {on_conflict}".strip()
+        self.sql_skipping = f"INSERT OR IGNORE {into}"
         self.defaults = {
             column.name: column.default.arg
             for column in table.columns
             if column.default is not None and not callable(column.default.arg)
         }
 
-    def run(self, connection: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
-        connection.executemany(self.sql, [self._values(row) for row in rows])
+    def run(
+        self,
+        connection: sqlite3.Connection,
+        values: list[list[Any]],
+        *,
+        skip_existing: bool = False,
+    ) -> None:
+        connection.executemany(self.sql_skipping if skip_existing else self.sql, values)
 
-    def _values(self, row: dict[str, Any]) -> tuple[Any, ...]:
-        return tuple(_stored(row.get(name, self.defaults.get(name))) for name in self.columns)
+    def values(self, row: dict[str, Any]) -> list[Any]:
+        return [_stored(row.get(name, self.defaults.get(name))) for name in self.columns]
+
+
+def _hours_of(usage: _Insert, values: list[list[Any]]) -> list[dict[str, Any]]:
+    """The late-hour rows for usage records given as stored values."""
+    at = {name: index for index, name in enumerate(usage.columns)}
+    return recorder.late_hour_rows(
+        [
+            {
+                "tenant_id": row[at["tenant_id"]],
+                "function_id": row[at["function_id"]],
+                "recorded_at": datetime.strptime(row[at["recorded_at"]], SQLITE_TIME).replace(
+                    tzinfo=UTC
+                ),
+            }
+            for row in values
+        ]
+    )
 
 
 def _stored(value: Any) -> Any:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query
 from app.auth import Principal, require_operator, require_tenant
 from app.billing.pricing import Usage
 from app.errors import InvalidParameterValue
+from app.invocations.writer import records_settled
 from app.metering import service
 from app.metering.schemas import (
     FunctionSeries,
@@ -77,7 +78,7 @@ def _series(points: dict[str, list[tuple[datetime, Usage]]]) -> list[FunctionSer
     ]
 
 
-@router.get("/v1/usage", response_model=UsageReport)
+@router.get("/v1/usage", response_model=UsageReport, dependencies=[Depends(records_settled)])
 async def get_usage(
     start: datetime | None = Query(None, description="Inclusive; default: start of this month"),
     end: datetime | None = Query(None, description="Exclusive; default: now"),
@@ -106,7 +107,11 @@ async def get_usage(
     )
 
 
-@router.get("/v1/operator/usage", response_model=OperatorUsageReport)
+@router.get(
+    "/v1/operator/usage",
+    response_model=OperatorUsageReport,
+    dependencies=[Depends(records_settled)],
+)
 async def get_all_usage(
     start: datetime | None = Query(None, description="Inclusive; default: start of this month"),
     end: datetime | None = Query(None, description="Exclusive; default: now"),

@@ -153,7 +153,8 @@ def test_the_fast_path_takes_invocations_and_leaves_the_rest_to_fastapi() -> Non
 
 
 def test_records_wait_out_a_held_sqlite_write_lock(tmp_path: Path) -> None:
-    """An invocation whose records meet a taken write lock is answered once it is free.
+    """An invocation whose records meet a taken write lock is answered from the journal; its
+    record is committed once the lock is free, and reading it back waits for that.
 
     Meanwhile the server keeps serving: the writer never blocks its event loop on the lock.
     """
@@ -165,20 +166,29 @@ def test_records_wait_out_a_held_sqlite_write_lock(tmp_path: Path) -> None:
 
         locker = sqlite3.connect(tmp_path / "data" / "lambent.db", isolation_level=None)
         locker.execute("BEGIN IMMEDIATE")
-        answers: list[httpx.Response] = []
-        invoking = threading.Thread(target=lambda: answers.append(tenant.invoke("fn", {"n": 1})))
-        invoking.start()
+        reads: list[httpx.Response] = []
         try:
+            answer = tenant.invoke("fn", {"n": 1})
+            assert answer.status_code == 200
+            request_id = answer.headers["x-request-id"]
+            with sqlite3.connect(tmp_path / "data" / "lambent.db") as reader:
+                row = reader.execute(
+                    "SELECT 1 FROM invocations WHERE request_id = ?", (request_id,)
+                ).fetchone()
+            assert row is None, "committed although the lock was held"
+            reading = threading.Thread(
+                target=lambda: reads.append(tenant.http.get(f"/v1/invocations/{request_id}"))
+            )
+            reading.start()
             time.sleep(0.5)
-            assert answers == [], "answered while its records could not be written"
-            # The event loop is free: health checks and reads are served meanwhile.
+            assert reads == [], "read back before the record was committed"
+            # The event loop is free: health checks are served meanwhile.
             assert server.client().get("/healthz").status_code == 200
         finally:
             locker.execute("COMMIT")
             locker.close()
-        invoking.join(timeout=30)
-        assert len(answers) == 1 and answers[0].status_code == 200
-        record = tenant.invocation(answers[0].headers["x-request-id"])
-        assert record["status"] == "success"
+        reading.join(timeout=30)
+        assert len(reads) == 1 and reads[0].status_code == 200
+        assert reads[0].json()["status"] == "success"
     finally:
         server.stop()
