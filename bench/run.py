@@ -138,7 +138,8 @@ def warm_latency(profile: Profile, lambent: Lambent, baseline: Target) -> tuple[
         f"The 'of which' rows come from Lambent's own records of the last {recorded.n} requests: "
         "the span from started_at to finished_at (scheduling, the sandbox round trip, building "
         "the log) and duration_ms (the runtime getting the event until its reply). Whatever "
-        "the caller waits beyond the span is HTTP, auth and writing the records.",
+        "the caller waits beyond the span is HTTP, auth and journaling the records (on SQLite "
+        "they are committed after the answer).",
     ]
     record = {
         "lambent": asdict(ours),
@@ -204,7 +205,7 @@ def load(profile: Profile, lambent: Lambent, baseline: Target) -> tuple[Table, d
         f"Lambent's records of the last {recorded.n} of these requests put the span from "
         f"started_at to finished_at at p50 {ms(recorded.span.p50_ms)} ms, "
         f"p99 {ms(recorded.span.p99_ms)} ms; the rest of the caller's wait is spent outside "
-        "it (HTTP, auth, and writing the invocation and usage records).",
+        "it (HTTP, auth, and journaling the invocation and usage records).",
     ]
     record = {
         "lambent": asdict(ours),
@@ -267,7 +268,7 @@ def cold(profile: Profile, lambent: Lambent) -> tuple[Table, dict]:
         "the runtime's first request for an event. The caller also waits for what comes "
         "before it (placement, cgroups, the Runtime API server) and after it: the new "
         "instance's first invocation (its duration_ms; about the warm figure when nothing "
-        "competes with it) and the records.",
+        "competes with it) and journaling the records.",
         f"Cold starts run one at a time, {COLD_PAUSE_S:g} s apart. The code is already "
         "unpacked on the worker, so fetching and extracting it are not included.",
     ]
