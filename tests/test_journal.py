@@ -11,9 +11,12 @@ import fcntl
 import os
 import sqlite3
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from app.invocations.journal import Journal
 from app.invocations.writer import SqliteRows
@@ -70,17 +73,24 @@ def _usage_requests(tenant: Tenant) -> int:
     return int(response.json()["total"]["requests"])
 
 
-def _setup(tmp_path: Path) -> tuple[Path, Server, Tenant, str]:
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Path, Server, Tenant, str]]:
+    """A server with a tenant and an invoked function; stopped at the end whatever happens."""
     data = tmp_path / "data"
     server = start_server(data, admin_key=ADMIN)
-    tenant = create_tenant(server, "journal")
-    tenant.deploy("fn", HANDLER)
-    assert tenant.invoke("fn", {"a": 1}).status_code == 200
-    return data, server, tenant, _function_id(data, "fn")
+    try:
+        tenant = create_tenant(server, "journal")
+        tenant.deploy("fn", HANDLER)
+        assert tenant.invoke("fn", {"a": 1}).status_code == 200
+        yield data, server, tenant, _function_id(data, "fn")
+    finally:
+        server.stop()
 
 
-def test_a_dead_processs_journal_is_committed_once_at_the_next_start(tmp_path: Path) -> None:
-    data, server, tenant, function_id = _setup(tmp_path)
+def test_a_dead_processs_journal_is_committed_once_at_the_next_start(
+    served: tuple[Path, Server, Tenant, str],
+) -> None:
+    data, server, tenant, function_id = served
     answered = tenant.invoke("fn", {"b": 2})
     committed_id = answered.headers["x-request-id"]
     original = tenant.invocation(committed_id)
@@ -121,8 +131,10 @@ def test_a_dead_processs_journal_is_committed_once_at_the_next_start(tmp_path: P
         restarted.stop()
 
 
-def test_a_live_processs_journal_is_left_alone(tmp_path: Path) -> None:
-    data, server, tenant, function_id = _setup(tmp_path)
+def test_a_live_processs_journal_is_left_alone(
+    served: tuple[Path, Server, Tenant, str],
+) -> None:
+    data, server, tenant, function_id = served
     server.stop()
     rows = SqliteRows(str(data / "lambent.db"))
     journal = Journal(data / "journal")  # held by this test process, alive
