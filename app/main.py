@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from app.auth import KeyCache
 from app.billing.routes import router as billing_router
@@ -164,6 +166,18 @@ def announce_operator_key(key: str) -> None:
     )
 
 
+class LambentApp(FastAPI):
+    """The FastAPI application, with the invoke fast path in front of all of its middleware."""
+
+    fast_path: InvokeFastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast_path is not None:
+            await self.fast_path(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 def create_app_from_env() -> FastAPI:
     """The application of one of `lambent serve --workers N`'s processes."""
     settings = get_settings()
@@ -191,7 +205,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await stop_billing(platform)
             await close_platform(platform)
 
-    app = FastAPI(
+    app = LambentApp(
         title="Lambent",
         version="0.1.0",
         description="A self-hosted function-as-a-service platform in the mould of AWS Lambda.",
@@ -205,7 +219,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     if settings.invoke_fast_path:
-        app.add_middleware(InvokeFastPath)
+        app.fast_path = InvokeFastPath(partial(FastAPI.__call__, app), app.state)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

@@ -45,6 +45,8 @@ BARE_BWRAP = [
     *BARE_PYTHON,
 ]  # fmt: skip
 SLEEP_MS = 100  # what bench/handlers/sleepy.py sleeps
+# Warm latency alternates between the baseline and Lambent in blocks of this many requests.
+WARM_BLOCK = 100
 # Between cold starts: longer than a sandbox takes to start, so each one finds Lambent settled.
 COLD_PAUSE_S = 0.3
 # Background load above this share of the cores makes a run worth repeating.
@@ -102,18 +104,23 @@ def lambent_target(lambent: Lambent) -> Target:
 
 def warm_latency(profile: Profile, lambent: Lambent, baseline: Target) -> tuple[Table, dict]:
     ours_target = lambent_target(lambent)
-    results = {}
-    for target in (baseline, ours_target):
-        progress(f"warm latency: {profile.warm_requests} sequential requests to {target.label}")
-        results[target.label] = scenarios.sequential_latency(
-            target, "noop", requests=profile.warm_requests, warmup=profile.warm_warmup
-        )
-    ours, base = results[ours_target.label], results[baseline.label]
+    progress(
+        f"warm latency: {profile.warm_requests} sequential requests to each of bare uvicorn and "
+        f"Lambent, in alternating blocks of {WARM_BLOCK}"
+    )
+    base, ours = scenarios.interleaved_latency(
+        [baseline, ours_target],
+        "noop",
+        requests=profile.warm_requests,
+        warmup=profile.warm_warmup,
+        block=WARM_BLOCK,
+    )
     recorded = scenarios.recorded_times(lambent, "noop", profile.warm_requests)
 
     table = Table(
         f"1. Warm invoke latency, ms: no-op handler, {profile.warm_requests} sequential requests "
-        f"on one keep-alive connection (after {profile.warm_warmup} warm-up requests)",
+        f"to each on one keep-alive connection (after {profile.warm_warmup} warm-up requests), "
+        f"the two alternating every {WARM_BLOCK}",
         ["", "p50", "p90", "p99", "mean", "max"],
     )
     rows = [

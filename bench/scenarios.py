@@ -29,19 +29,34 @@ def _check(response: httpx.Response, target: Target) -> None:
         raise BenchError(f"{target.label} answered {response.status_code}: {response.text[:300]}")
 
 
-def sequential_latency(target: Target, function: str, *, requests: int, warmup: int) -> Summary:
-    """Latency of back-to-back requests over one keep-alive connection."""
-    path = target.invoke_path(function)
-    samples: list[float] = []
-    with target.client() as client:
-        for _ in range(warmup):
-            _check(client.post(path, json=EVENT), target)
-        for _ in range(requests):
-            start = time.perf_counter()
-            response = client.post(path, json=EVENT)
-            samples.append(time.perf_counter() - start)
-            _check(response, target)
-    return summarize(samples)
+def interleaved_latency(
+    targets: list[Target], function: str, *, requests: int, warmup: int, block: int = 100
+) -> list[Summary]:
+    """Latency of back-to-back requests to each target over its own keep-alive connection,
+    measured in alternating blocks of ``block``.
+
+    A shared machine drifts (other tenants of the host, CPU frequency); measured one after the
+    other, two targets would each meet a different part of the drift. In alternating blocks
+    they meet the same, so their ratio is steadier from run to run.
+    """
+    clients = [target.client() for target in targets]
+    samples: list[list[float]] = [[] for _ in targets]
+    try:
+        for target, client in zip(targets, clients, strict=True):
+            for _ in range(warmup):
+                _check(client.post(target.invoke_path(function), json=EVENT), target)
+        while len(samples[0]) < requests:
+            for index, (target, client) in enumerate(zip(targets, clients, strict=True)):
+                path = target.invoke_path(function)
+                for _ in range(min(block, requests - len(samples[index]))):
+                    start = time.perf_counter()
+                    response = client.post(path, json=EVENT)
+                    samples[index].append(time.perf_counter() - start)
+                    _check(response, target)
+    finally:
+        for client in clients:
+            client.close()
+    return [summarize(s) for s in samples]
 
 
 @dataclass(frozen=True)

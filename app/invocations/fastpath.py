@@ -2,14 +2,17 @@
 
 Invoking is the one route whose every microsecond is the product's. Through FastAPI it pays for
 matching the path against every route of the API, resolving its dependencies (each a coroutine
-with its own signature inspection), building a Request and a Response object, and two more
-middleware layers; measured, that was about as much as the rest of the warm path together.
+with its own signature inspection), building a Request and a Response object, and FastAPI's and
+Starlette's middleware (error handling, telemetry, body limits), each wrapping the next one's
+``send``; measured, that was about as much as the rest of the warm path together.
 
-This ASGI middleware recognises ``POST /v1/functions/{name}/invocations`` and answers it itself,
-through the same key resolution, body limit and ``invoke_reply`` as the FastAPI route. It steps
-aside for anything it does not handle identically (a name the route would refuse as invalid,
-a request that is not plain HTTP), so FastAPI's route stays the reference: the OpenAPI document
-describes it, and every answer the two give is the same.
+This ASGI layer, the application's outermost (app.main.LambentApp), recognises
+``POST /v1/functions/{name}/invocations`` and answers it itself, through the same key
+resolution, body limit and ``invoke_reply`` as the FastAPI route. It steps aside for anything it
+does not handle identically (a name the route would refuse as invalid, a request that is not
+plain HTTP), so FastAPI's route stays the reference: the OpenAPI document describes it, and
+every answer the two give is the same. Unexpected errors are answered as the application's own
+handler answers them.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.auth import resolve_key, tenant_of
 from app.errors import LambentError
 from app.invocations.routes import JSON, event_too_large, invoke_reply
+from app.logging import get_logger
 from app.platform import Platform
+
+log = get_logger(__name__)
 
 # The same names as app.tenants.schemas.ResourceName; anything else goes to FastAPI, which
 # answers it with its validation error.
@@ -31,8 +37,15 @@ INVOKE_PATH = re.compile(r"/v1/functions/([A-Za-z0-9_-]{1,64})/invocations")
 
 
 class InvokeFastPath:
-    def __init__(self, app: ASGIApp) -> None:
+    """Answers invocations itself and passes everything else to ``app``.
+
+    ``state`` is where the platform is found (``state.platform``): the FastAPI application's
+    state, set up by its lifespan.
+    """
+
+    def __init__(self, app: ASGIApp, state: Any) -> None:
         self.app = app
+        self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -43,7 +56,7 @@ class InvokeFastPath:
         await self.app(scope, receive, send)
 
     async def _invoke(self, scope: Scope, receive: Receive, send: Send, name: str) -> None:
-        platform: Platform = scope["app"].state.platform
+        platform: Platform = self.state.platform
         authorization, declared_length = _headers(scope)
         try:
             tenant_id = tenant_of(await resolve_key(platform, _bearer(authorization)))
@@ -58,6 +71,15 @@ class InvokeFastPath:
             body = json.dumps(error.body(), ensure_ascii=False, separators=(",", ":")).encode()
         except _Disconnected:
             return  # before the whole event arrived: nothing was invoked, and nobody to answer
+        except Exception:
+            # What the application's handler of unexpected errors answers, as FastAPI's
+            # middleware is not around this path.
+            log.exception("unhandled error", path=scope["path"])
+            status, headers = 500, {}
+            body = json.dumps(
+                {"type": "ServiceException", "message": "an internal error occurred"},
+                separators=(",", ":"),
+            ).encode()
         await _answer(send, status, headers, body)
 
 

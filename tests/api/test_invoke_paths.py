@@ -125,11 +125,10 @@ def test_the_fast_path_takes_invocations_and_leaves_the_rest_to_fastapi() -> Non
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"{}", "more_body": False}
 
-    app = SimpleNamespace(state=SimpleNamespace(platform=None))
-    middleware = InvokeFastPath(fastapi)
+    middleware = InvokeFastPath(fastapi, SimpleNamespace(platform=None))
 
     def call(method: str, path: str) -> None:
-        scope = {"type": "http", "method": method, "path": path, "headers": [], "app": app}
+        scope = {"type": "http", "method": method, "path": path, "headers": []}
         asyncio.run(middleware(scope, receive, send))
 
     call("POST", "/v1/functions/fn/invocations")  # no key: the fast path answers 401 itself
