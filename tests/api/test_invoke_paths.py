@@ -8,6 +8,7 @@ tests send the same requests, good and bad, to a server of each kind and compare
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 import time
@@ -135,6 +136,22 @@ def test_the_fast_path_takes_invocations_and_leaves_the_rest_to_fastapi() -> Non
     assert passed_on == []
     assert sent[0]["status"] == 401
     assert b"Unauthorized" in sent[1]["body"]
+
+    # An unexpected failure is answered as the application's own handler answers it.
+    broken = InvokeFastPath(fastapi, SimpleNamespace(platform=SimpleNamespace()))
+    sent.clear()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/functions/fn/invocations",
+        "headers": [(b"authorization", b"Bearer lmb_whatever")],
+    }
+    asyncio.run(broken(scope, receive, send))
+    assert sent[0]["status"] == 500
+    assert json.loads(sent[1]["body"]) == {
+        "type": "ServiceException",
+        "message": "an internal error occurred",
+    }
 
     for method, path in (
         ("GET", "/v1/functions/fn/invocations"),
