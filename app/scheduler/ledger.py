@@ -136,6 +136,15 @@ POSTGRES_PARAMETERS = {
 SQLITE_PARAMETERS = {name: f":{name}" for name in POSTGRES_PARAMETERS}
 
 
+def admission_statements(parameters: dict[str, str]) -> dict[tuple[bool, bool], str]:
+    """``admission_sql`` for every (reserved, wait_for_others), in one driver's parameters."""
+    return {
+        (reserved, wait): admission_sql(parameters, reserved=reserved, wait_for_others=wait)
+        for reserved in (False, True)
+        for wait in (False, True)
+    }
+
+
 def admission_sql(parameters: dict[str, str], *, reserved: bool, wait_for_others: bool) -> str:
     scope = (RESERVED_SCOPE if reserved else UNRESERVED_SCOPE).format(**parameters)
     sql = ADMIT_SQL.format(scope=scope, **parameters)
@@ -220,13 +229,7 @@ class PostgresLeases:
         self.dsn = dsn
         self._idle: list[asyncpg.Connection] = []
         self._slots = asyncio.Semaphore(self.CONNECTIONS)
-        self._statements = {
-            (reserved, wait): admission_sql(
-                POSTGRES_PARAMETERS, reserved=reserved, wait_for_others=wait
-            )
-            for reserved in (False, True)
-            for wait in (False, True)
-        }
+        self._statements = admission_statements(POSTGRES_PARAMETERS)
         self._not_sharing = NOT_SHARING_SQL.format(cutoff="$1::timestamptz")
         self._release = RELEASE_SQL.format(process_id="$1::varchar", seq="$2::bigint")
         self._release_many = (
@@ -302,13 +305,7 @@ class SqliteLeases:
     def __init__(self, path: str) -> None:
         self.path = path
         self._connection: sqlite3.Connection | None = None
-        self._statements = {
-            (reserved, wait): admission_sql(
-                SQLITE_PARAMETERS, reserved=reserved, wait_for_others=wait
-            )
-            for reserved in (False, True)
-            for wait in (False, True)
-        }
+        self._statements = admission_statements(SQLITE_PARAMETERS)
         self._not_sharing = NOT_SHARING_SQL.format(cutoff=":cutoff")
         self._release = RELEASE_SQL.format(process_id=":process_id", seq=":seq")
 
