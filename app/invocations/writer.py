@@ -10,13 +10,16 @@ then wakes each caller. Under load a batch holds many invocations; alone, one wa
 A failed batch fails each caller in it.
 
 SQLite (``SqliteWriter``): the rows are appended to this process's journal file (one write(2))
-and the caller is answered; they are committed right after, on the event loop's own thread,
-through the standard library's driver. The journal line survives the process being killed,
+and the caller is answered; they are committed a few milliseconds later (``COMMIT_DELAY_S``),
+together with whatever else finished meanwhile, on the event loop's own thread, through the
+standard library's driver. The journal line survives the process being killed,
 which is all SQLite itself promises with synchronous=NORMAL (it does not fsync either), and a
 restart commits what a dead process left in its journal. The commit (two rows in several
-B-trees, some ten WAL frames) is thus off the caller's wait, which it used to dominate. Reads of
-invocation records wait for what this process has not committed yet (``settled``), so a caller
-that reads its own invocation back finds it. The connection never waits for SQLite's write lock:
+B-trees, some ten WAL frames) is thus off the caller's wait, which it used to dominate, and
+shared by the invocations of those milliseconds: committed one by one, right after each answer,
+it competed for the cores with the next request. Reads of invocation records commit what this
+process has not committed yet at once and wait for it (``settled``), so a caller that reads its
+own invocation back finds it. The connection never waits for SQLite's write lock:
 when another connection holds it (a rollup, an API change), the attempt fails at once and a task
 retries after a short sleep, so the event loop is never blocked on a lock.
 """
@@ -31,8 +34,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import Depends
-from sqlalchemy import Table, insert
+from sqlalchemy import Table, TypeDecorator, insert
 from sqlalchemy.engine import make_url
+from sqlalchemy.types import TypeEngine
 
 from app.invocations import journal
 from app.invocations.journal import Entry, Journal
@@ -45,6 +49,9 @@ from app.platform import Platform, get_platform
 log = get_logger(__name__)
 
 MAX_BATCH = 256
+# How long the SQLite writer lets journaled invocations gather before it commits them, unless a
+# read asks for them first or a full batch is waiting.
+COMMIT_DELAY_S = 0.005
 LOCK_RETRY_FIRST_S = 0.001
 LOCK_RETRY_MAX_S = 0.05
 # A commit that failed for another reason than the lock (a full disk) is retried this often;
@@ -153,7 +160,8 @@ class SqliteWriter(InvocationWriter):
         self.journal_dir = platform.settings.data_dir / "journal"
         self._journal: Journal | None = None
         self._pending: list[Pending] = []
-        self._commit_scheduled = False
+        self._commit_timer: asyncio.Handle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._retrying: asyncio.Task[None] | None = None
         self._settle_waiters: list[asyncio.Future[None]] = []
         self._commits = 0
@@ -161,6 +169,7 @@ class SqliteWriter(InvocationWriter):
 
     def start(self) -> None:
         self.recover()
+        self._loop = asyncio.get_running_loop()
         self._journal = Journal(self.journal_dir)
         self._checkpointer = asyncio.create_task(self._checkpoint_forever())
 
@@ -191,6 +200,9 @@ class SqliteWriter(InvocationWriter):
 
     async def close(self) -> None:
         deadline = time.monotonic() + CLOSE_WAIT_S
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
         if self._checkpointer is not None:
             self._checkpointer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -216,7 +228,8 @@ class SqliteWriter(InvocationWriter):
         self.rows.close()
 
     async def write(self, invocation_row: dict[str, Any], usage_row: dict[str, Any]) -> None:
-        assert self._journal is not None, "the writer is not started"
+        loop = self._loop
+        assert self._journal is not None and loop is not None, "the writer is not started"
         metered = self.platform.settings.metering_enabled
         entry: Entry = (
             self.rows.invocations.values(invocation_row),
@@ -224,20 +237,30 @@ class SqliteWriter(InvocationWriter):
         )
         self._journal.append(entry)
         self._pending.append((entry, usage_row if metered else None))
-        if not self._commit_scheduled and self._retrying is None:
-            # After the current task step, which goes on to answer the caller.
-            self._commit_scheduled = True
-            asyncio.get_running_loop().call_soon(self._commit_now)
+        if self._retrying is not None:
+            return  # the retrying task commits it
+        if self._commit_timer is None:
+            self._commit_timer = loop.call_later(COMMIT_DELAY_S, self._commit_now)
+        elif len(self._pending) == MAX_BATCH:
+            # A full batch: committed after the current task step, which answers the caller.
+            self._commit_timer.cancel()
+            self._commit_timer = loop.call_soon(self._commit_now)
 
     async def settled(self) -> None:
         if not self._pending:
             return
+        if self._commit_timer is not None:
+            # A reader is waiting: no point gathering more.
+            self._commit_timer.cancel()
+            self._commit_now()
+            if not self._pending:
+                return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._settle_waiters.append(waiter)
         await waiter
 
     def _commit_now(self) -> None:
-        self._commit_scheduled = False
+        self._commit_timer = None
         if not self._pending or self._retrying is not None:
             return
         try:
@@ -364,11 +387,17 @@ class _Insert:
         into = f"INTO {table.name} ({', '.join(self.columns)}) VALUES ({placeholders})"
         self.sql = f"INSERT {into} {on_conflict}".strip()
         self.sql_skipping = f"INSERT OR IGNORE {into}"
-        self.defaults = {
+        defaults = {
             column.name: column.default.arg
             for column in table.columns
             if column.default is not None and not callable(column.default.arg)
         }
+        self._defaults = [(name, defaults.get(name)) for name in self.columns]
+        # values() runs for every invocation, so only the columns whose type needs it are
+        # converted: timestamps to SQLAlchemy's text form, booleans to integers.
+        types = [_python_type(column.type) for column in table.columns]
+        self._times = [index for index, kind in enumerate(types) if kind is datetime]
+        self._flags = [index for index, kind in enumerate(types) if kind is bool]
 
     def run(
         self,
@@ -380,7 +409,17 @@ class _Insert:
         connection.executemany(self.sql_skipping if skip_existing else self.sql, values)
 
     def values(self, row: dict[str, Any]) -> list[Any]:
-        return [_stored(row.get(name, self.defaults.get(name))) for name in self.columns]
+        get = row.get
+        values = [get(name, default) for name, default in self._defaults]
+        for index in self._times:
+            value = values[index]
+            if value is not None:
+                values[index] = _time_text(value)
+        for index in self._flags:
+            value = values[index]
+            if value is not None:
+                values[index] = int(value)
+        return values
 
 
 def _hours_of(usage: _Insert, values: list[list[Any]]) -> list[dict[str, Any]]:
@@ -400,12 +439,17 @@ def _hours_of(usage: _Insert, values: list[list[Any]]) -> list[dict[str, Any]]:
     )
 
 
-def _stored(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).strftime(SQLITE_TIME)
-    if isinstance(value, bool):
-        return int(value)
-    return value
+def _python_type(kind: TypeEngine[Any]) -> type:
+    if isinstance(kind, TypeDecorator):
+        kind = kind.impl_instance
+    return kind.python_type
+
+
+def _time_text(value: datetime) -> str:
+    """A timestamp as SQLAlchemy stores it in SQLite (SQLITE_TIME), in UTC."""
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
