@@ -186,15 +186,14 @@ class ExecutionEnvironment:
         alive = True
         too_large = False
         try:
-            # asyncio.timeout rather than wait_for: no task is created per invocation.
-            async with asyncio.timeout(request.timeout_s):
-                reply = await self.api.invoke(
-                    request_id=request.request_id,
-                    payload=request.payload,
-                    deadline_ms=deadline_ms,
-                    function_arn=request.function_arn,
-                    trace_id=request.trace_id,
-                )
+            reply = await self.api.invoke(
+                request_id=request.request_id,
+                payload=request.payload,
+                deadline_ms=deadline_ms,
+                function_arn=request.function_arn,
+                trace_id=request.trace_id,
+                timeout_s=request.timeout_s,
+            )
             body = reply.body
             duration_ns = reply.completed_ns - reply.dispatched_ns
             if not reply.ok:

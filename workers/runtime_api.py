@@ -296,8 +296,12 @@ class RuntimeApiServer:
         function_arn: str,
         trace_id: str,
         client_context: str | None = None,
+        timeout_s: float | None = None,
     ) -> InvocationReply:
-        """Hand one event to the runtime and wait for its response or error."""
+        """Hand one event to the runtime and wait for its response or error.
+
+        After ``timeout_s`` it raises TimeoutError, and the event is stale as if cancelled.
+        """
         if self._gone is not None:
             raise RuntimeGone(self._gone)
         if self._loop is None:
@@ -326,11 +330,21 @@ class RuntimeApiServer:
         self._current = invocation
         self._dispatch(invocation)
 
-        # Cancelling this await (a caller's timeout) cancels the reply future, which turns the
-        # event stale: /next skips it and a late reply for it is refused.
+        # A timeout fails the reply future, as cancelling this await cancels it; either turns the
+        # event stale: /next skips it and a late reply for it is refused. A timer on the future
+        # rather than asyncio.timeout() around the await: that costs a Timeout object, its
+        # rescheduling and two lookups of the running loop (each a getpid() on Python 3.11)
+        # per invocation.
+        expiry = (
+            None
+            if timeout_s is None
+            else self._loop.call_later(timeout_s, _expire, invocation.reply, timeout_s)
+        )
         try:
             return await invocation.reply
         finally:
+            if expiry is not None:
+                expiry.cancel()
             if self._current is invocation:
                 self._current = None
 
@@ -895,6 +909,11 @@ def _date_header() -> bytes:
         _date_second = now
         _date_line = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
     return _date_line
+
+
+def _expire(future: asyncio.Future, timeout_s: float) -> None:
+    if not future.done():
+        _fail(future, TimeoutError(f"no reply within {timeout_s} s"))
 
 
 def _fail(future: asyncio.Future, error: BaseException) -> None:

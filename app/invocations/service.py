@@ -34,8 +34,8 @@ class InvocationOutcome:
 
 
 def new_trace_id() -> str:
-    root = f"1-{int(time.time()):08x}-{os.urandom(12).hex()}"
-    return f"Root={root};Parent={os.urandom(8).hex()};Sampled=0"
+    random = os.urandom(20).hex()
+    return f"Root=1-{int(time.time()):08x}-{random[:24]};Parent={random[24:]};Sampled=0"
 
 
 def format_ms(ns: int) -> str:
@@ -195,11 +195,12 @@ def _observe(
 ) -> None:
     metrics = platform.metrics
     labels = (spec.tenant_id, spec.function_name)
-    metrics.invocations.labels(*labels, status.value).inc()
+    invocations, duration = metrics.outcome(*labels, status.value)
+    invocations.inc()
     if error_type is not None:
         metrics.errors.labels(*labels, error_type).inc()
     if scheduled.result is not None:
-        metrics.duration.labels(*labels).observe(duration_ns / 1e9)
+        duration.observe(duration_ns / 1e9)
     if scheduled.cold_start and scheduled.start is not None:
         metrics.cold_starts.labels(*labels).inc()
         metrics.init_duration.labels(*labels).observe(scheduled.start.init_duration_ns / 1e9)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -121,6 +121,21 @@ class Metrics:
             buckets=WAIT_BUCKETS_S,
             registry=self.registry,
         )
+
+        # Every invocation counts itself and observes its duration; prometheus_client checks
+        # and looks up the labels on each call, so the invoke path keeps the two per outcome.
+        self._outcomes: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def outcome(self, tenant_id: str, function: str, status: str) -> tuple[Any, Any]:
+        """The invocation counter and duration histogram of one function and outcome."""
+        key = (tenant_id, function, status)
+        pair = self._outcomes.get(key)
+        if pair is None:
+            pair = self._outcomes[key] = (
+                self.invocations.labels(tenant_id, function, status),
+                self.duration.labels(tenant_id, function),
+            )
+        return pair
 
     def watch(self, scheduler: Scheduler) -> None:
         self.registry.register(InstanceCollector(scheduler))

@@ -969,6 +969,37 @@ def test_event_of_an_invocation_given_up_on_is_skipped() -> None:
 
 
 @pytest.mark.usefixtures("event_loop_kind")
+def test_an_invocation_past_its_timeout_fails_and_its_late_reply_is_refused() -> None:
+    async def scenario() -> tuple[RawResponse, RawResponse]:
+        async with api_server() as server, raw_connection(server) as (reader, writer):
+            timed = server.invoke(
+                request_id="req-1",
+                payload=b"{}",
+                deadline_ms=0,
+                function_arn=FUNCTION_ARN,
+                trace_id=TRACE_ID,
+                timeout_s=0.05,
+            )
+            pending = asyncio.create_task(timed)
+            await take_event(reader, writer)
+            with pytest.raises(TimeoutError):
+                await pending
+            writer.write(http_request("POST", response_path("req-1"), body=b'"late"'))
+            late = await read_response(reader)
+            # The server goes on: the next invocation is served on the same connection.
+            following = asyncio.create_task(invoke(server, {"n": 2}, request_id="req-2"))
+            writer.write(http_request("GET", NEXT))
+            event = await read_response(reader)
+            following.cancel()
+            return late, event
+
+    late, event = run(scenario())
+
+    assert late.status == 400
+    assert event.headers["lambda-runtime-aws-request-id"] == "req-2"
+
+
+@pytest.mark.usefixtures("event_loop_kind")
 def test_poll_of_a_connection_that_hung_up_is_withdrawn() -> None:
     async def scenario() -> None:
         async with (
