@@ -419,7 +419,12 @@ class RuntimeApiServer:
 
     def _withdraw(self, connection: _Connection, request: _Request) -> None:
         """Forget the poll of a connection that closed, so nothing is written to it."""
-        polls = self._pollers if request.route is _NEXT else self._assignment_polls
+        if request.route is _NEXT:
+            polls = self._pollers
+        elif request.route is _ASSIGNMENT:
+            polls = self._assignment_polls
+        else:
+            return  # a reply waiting for its acknowledgement: nobody to tell
         if polls is not None:
             with contextlib.suppress(ValueError):
                 polls.remove(connection)
@@ -481,7 +486,11 @@ class RuntimeApiServer:
             )
         )
         self._current = None
-        connection.answer(request, 202, _ACCEPTED)
+        # Acknowledged once the task waiting for this reply has run: that task goes on to answer
+        # the invocation's caller, whose wait the write (and the runtime it wakes) would add to.
+        # Held meanwhile, so that what the runtime sends next is answered after it.
+        connection.hold(request)
+        self._loop.call_soon(_acknowledge, connection)
 
     def _init_error(self, connection: _Connection, request: _Request) -> None:
         """Record why the runtime could not load the function."""
@@ -726,7 +735,8 @@ class _Connection(asyncio.BufferedProtocol):
         return transport is not None and not transport.is_closing() and not self._closing
 
     def hold(self, request: _Request) -> None:
-        """Keep the request unanswered until the server hands it an event or an assignment."""
+        """Keep the request unanswered until the server hands it an event or an assignment (or,
+        for a reply, acknowledges it); what the client sends meanwhile waits its turn."""
         self._poll = request
 
     def take_poll(self) -> _Request | None:
@@ -909,6 +919,12 @@ def _date_header() -> bytes:
         _date_second = now
         _date_line = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
     return _date_line
+
+
+def _acknowledge(connection: _Connection) -> None:
+    request = connection.take_poll()
+    if request is not None:
+        connection.answer(request, 202, _ACCEPTED)
 
 
 def _expire(future: asyncio.Future, timeout_s: float) -> None:

@@ -750,6 +750,34 @@ def test_reply_and_next_poll_may_be_pipelined() -> None:
 
 
 @pytest.mark.usefixtures("event_loop_kind")
+def test_a_runtime_that_hangs_up_right_after_its_reply_leaves_the_server_serving() -> None:
+    """The reply's acknowledgement is written a moment after the reply is taken; a runtime gone
+    by then is simply not answered."""
+
+    async def scenario() -> RawResponse:
+        async with api_server() as server:
+            async with raw_connection(server) as (reader, writer):
+                first = asyncio.create_task(invoke(server, {"n": 1}, request_id="req-1"))
+                await take_event(reader, writer)
+                writer.write(http_request("POST", response_path("req-1"), b'"one"'))
+                await writer.drain()
+                writer.transport.abort()
+                assert (await first).body == b'"one"'
+            async with raw_connection(server) as (reader, writer):
+                second = asyncio.create_task(invoke(server, {"n": 2}, request_id="req-2"))
+                event = await take_event(reader, writer)
+                writer.write(http_request("POST", response_path("req-2"), b'"two"'))
+                accepted = await read_response(reader)
+                assert (await second).body == b'"two"'
+                assert accepted.status == 202
+                return event
+
+    event = run(scenario())
+
+    assert event.json() == {"n": 2}
+
+
+@pytest.mark.usefixtures("event_loop_kind")
 def test_requests_pipelined_behind_a_long_poll_wait_for_its_answer() -> None:
     async def scenario() -> None:
         async with api_server() as server, raw_connection(server) as (reader, writer):
