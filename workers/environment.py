@@ -60,6 +60,8 @@ class LogBuffer:
         self.dropped += max(0, len(chunk) - max(room, 0))
 
     def take(self) -> str:
+        if not self.chunks and not self.dropped:
+            return ""
         text = b"".join(self.chunks).decode("utf-8", errors="replace")
         if self.dropped:
             if text and not text.endswith("\n"):
@@ -165,7 +167,8 @@ class ExecutionEnvironment:
             raise InstanceGone(f"instance {self.instance_id} is {self.status}")
         async with self._lock:
             self._transition(InstanceStatus.BUSY)
-            self.sandbox.drain_output()
+            # What the sandbox wrote since the last invocation, as far as the event loop has
+            # read it; the rest is read with this invocation's output, after its reply.
             pre_logs = self._logs.take()
             result = await self._run(request)
             if pre_logs:
