@@ -60,14 +60,12 @@ async def resolve_key(platform: Platform, key: str | None) -> Principal:
         raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")
 
     key_hash = hash_key(key)
-    principal = platform.keys.get(key_hash)
+    principal = platform.keys.fresh(key_hash, lambda: _load_principal(platform, key_hash))
     if principal is None:
         principal = await _load_principal(platform, key_hash)
         if principal is None:
             raise Unauthorized("the API key is not valid")
         platform.keys.put(key_hash, principal)
-    elif platform.keys.wants_reload(key_hash):
-        platform.keys.reload(key_hash, lambda: _load_principal(platform, key_hash))
     return principal
 
 

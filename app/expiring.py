@@ -59,6 +59,19 @@ class ExpiringMap(Generic[K, V]):
             and self.clock() - entry[1] > self.ttl_s / 2
         )
 
+    def fresh(self, key: K, load: Callable[[], Awaitable[V | None]]) -> V | None:
+        """``get`` and, if the entry is in the second half of its life, ``reload`` with ``load``:
+        the two in one lookup, for readers on the invoke path."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        age = self.clock() - entry[1]
+        if age > self.ttl_s:
+            return None
+        if age > self.ttl_s / 2 and key not in self._reloading:
+            self.reload(key, load)
+        return entry[0]
+
     def put(self, key: K, value: V) -> None:
         self._store(key, value)
 

@@ -97,7 +97,9 @@ class ExecutionEnvironment:
         self.invocations = 0
         # perf_counter_ns() when the init phase began: now, unless the caller started it earlier.
         self._started_ns = time.perf_counter_ns() if init_started_ns is None else init_started_ns
-        self._lock = asyncio.Lock()
+        # One invocation at a time; a second one is refused rather than queued, so a flag is
+        # all the lock there is.
+        self._serving = False
         self._logs = LogBuffer(log_max_bytes)
         self._on_stopped = on_stopped
         self._exit_status: int | None = None
@@ -161,11 +163,12 @@ class ExecutionEnvironment:
         return kind, error_body(kind, f"Runtime exited with error: {detail}")
 
     async def invoke(self, request: InvokeRequest) -> InvokeResult:
-        if self._lock.locked():
+        if self._serving:
             raise InstanceBusy(f"instance {self.instance_id} is serving another invocation")
         if self.status is not InstanceStatus.IDLE:
             raise InstanceGone(f"instance {self.instance_id} is {self.status}")
-        async with self._lock:
+        self._serving = True
+        try:
             self._transition(InstanceStatus.BUSY)
             # What the sandbox wrote since the last invocation, as far as the event loop has
             # read it; the rest is read with this invocation's output, after its reply.
@@ -180,6 +183,8 @@ class ExecutionEnvironment:
             else:
                 await self.stop()
             return result
+        finally:
+            self._serving = False
 
     async def _run(self, request: InvokeRequest) -> InvokeResult:
         start_ns = time.perf_counter_ns()

@@ -318,12 +318,10 @@ async def get_cached(platform: Platform, tenant_id: str, name: str) -> CachedFun
     """The function as the invoke path needs it, from the cache when fresh."""
     cache = platform.functions.functions
     key = (tenant_id, name)
-    cached = cache.get(key)
+    cached = cache.fresh(key, lambda: _load_cached(platform, tenant_id, name))
     if cached is None:
         cached = to_cached(platform, await get_function(platform, tenant_id, name))
         cache.put(key, cached)
-    elif cache.wants_reload(key):
-        cache.reload(key, lambda: _load_cached(platform, tenant_id, name))
     return cached
 
 
@@ -338,12 +336,10 @@ async def concurrency_limits(
     platform: Platform, tenant_id: str, cached: CachedFunction
 ) -> ConcurrencyLimits:
     cache = platform.functions.tenants
-    limits = cache.get(tenant_id)
+    limits = cache.fresh(tenant_id, lambda: _load_tenant_limits(platform, tenant_id))
     if limits is None:
         limits = await _load_tenant_limits(platform, tenant_id)
         cache.put(tenant_id, limits)
-    elif cache.wants_reload(tenant_id):
-        cache.reload(tenant_id, lambda: _load_tenant_limits(platform, tenant_id))
     return ConcurrencyLimits(
         tenant_limit=limits.concurrency_limit,
         reserved=cached.reserved_concurrency,

@@ -148,6 +148,7 @@ class Scheduler:
         self._provisioned: dict[str, tuple[InstanceSpec, int]] = {}
         self._provisioning: dict[str, asyncio.Task[None]] = {}
         self._freed = asyncio.Condition()
+        self._waiting_for_freed = 0
         self._tasks: list[asyncio.Task[None]] = []
         self.on_throttle: Callable[[InstanceSpec, str], None] | None = None
 
@@ -382,9 +383,13 @@ class Scheduler:
                 f"no worker has {memory_mb} MB free for a new instance; retry later "
                 "(operators: add workers or raise LAMBENT_WORKER_MEMORY_MB)"
             )
-        async with self._freed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._freed.wait(), timeout=remaining)
+        self._waiting_for_freed += 1
+        try:
+            async with self._freed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._freed.wait(), timeout=remaining)
+        finally:
+            self._waiting_for_freed -= 1
 
     async def _place(self, memory_mb: int, *, exclude: set[str]) -> WorkerClient:
         deadline = time.monotonic() + self.capacity_wait_s
@@ -446,6 +451,8 @@ class Scheduler:
         await self._notify_freed()
 
     async def _notify_freed(self) -> None:
+        if not self._waiting_for_freed:
+            return  # the common case, on every invocation's end: nobody to wake
         async with self._freed:
             self._freed.notify_all()
 

@@ -63,6 +63,34 @@ def test_a_read_in_the_second_half_of_its_life_reloads_it_once(clock: Clock) -> 
     asyncio.run(scenario())
 
 
+def test_fresh_reads_and_reloads_in_one_lookup(clock: Clock) -> None:
+    async def scenario() -> None:
+        cache: ExpiringMap[str, int] = ExpiringMap(2.0, clock=clock)
+        loads = 0
+
+        async def load() -> int:
+            nonlocal loads
+            loads += 1
+            return 10 + loads
+
+        assert cache.fresh("k", load) is None  # nothing stored: the caller loads it
+        cache.put("k", 1)
+        clock.now += 0.5
+        assert cache.fresh("k", load) == 1
+        await asyncio.sleep(0.01)
+        assert loads == 0, "reloaded in the first half of its life"
+        clock.now += 1.0
+        assert cache.fresh("k", load) == 1  # the old value now, the reload meanwhile
+        assert cache.fresh("k", load) == 1
+        await asyncio.sleep(0.01)
+        assert loads == 1
+        assert cache.fresh("k", load) == 11
+        clock.now += 2.1
+        assert cache.fresh("k", load) is None  # expired: not served, left to the caller
+
+    asyncio.run(scenario())
+
+
 def test_a_reload_does_not_undo_a_change_made_meanwhile(clock: Clock) -> None:
     async def scenario() -> None:
         cache: ExpiringMap[str, int] = ExpiringMap(2.0, clock=clock)
