@@ -1,4 +1,4 @@
-"""The SQLite writer's own connection: it leaves the WAL to a checkpoint run from a thread."""
+"""The SQLite writer: its own connection, the form its rows take, and when it commits them."""
 
 from __future__ import annotations
 
@@ -7,11 +7,18 @@ import sqlite3
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
+from sqlalchemy import create_engine, insert
 
+from app.invocations import writer as writers
+from app.invocations.models import Invocation
 from app.invocations.writer import SqliteRows
+from app.metering.models import UsageRecord
 from app.migrate import upgrade_to_head
+from app.platform import Platform
+from app.settings import Settings
 
 
 def _count_in_database_file(path: Path) -> int:
@@ -20,31 +27,49 @@ def _count_in_database_file(path: Path) -> int:
         return db.execute("SELECT count(*) FROM invocations").fetchone()[0]
 
 
-def test_commits_stay_in_the_wal_until_checkpointed(tmp_path: Path) -> None:
+def _database(tmp_path: Path) -> Path:
     path = tmp_path / "lambent.db"
     upgrade_to_head(f"sqlite+aiosqlite:///{path}")
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA journal_mode=WAL")
+    return path
+
+
+def _rows() -> tuple[dict[str, object], dict[str, object]]:
+    """A new invocation's row and usage row, with only the columns that have no default."""
+    request_id, now = str(uuid.uuid4()), datetime.now(UTC)
+    common = {"request_id": request_id, "tenant_id": "t", "function_id": "f", "memory_mb": 128}
+    invocation = {
+        **common,
+        "function_name": "fn",
+        "status": "success",
+        "cold_start": False,
+        "duration_ns": 1,
+        "billed_ms": 1,
+        "max_memory_used_mb": 1,
+        "logs": "",
+        "started_at": now,
+        "finished_at": now,
+    }
+    usage = {
+        **common,
+        "function_name": "fn",
+        "recorded_at": now,
+        "requests": 1,
+        "billed_ms": 1,
+        "mb_ms": 128,
+        "init_billed_ms": 0,
+    }
+    return invocation, usage
+
+
+def test_commits_stay_in_the_wal_until_checkpointed(tmp_path: Path) -> None:
+    path = _database(tmp_path)
     rows = SqliteRows(str(path))
-    now = datetime.now(UTC)
     try:
         for _ in range(300):  # a few hundred commits: past SQLite's automatic checkpoint
-            row = {
-                "request_id": str(uuid.uuid4()),
-                "tenant_id": "t",
-                "function_id": "f",
-                "function_name": "fn",
-                "status": "success",
-                "cold_start": False,
-                "duration_ns": 1,
-                "billed_ms": 1,
-                "memory_mb": 128,
-                "max_memory_used_mb": 1,
-                "logs": "",
-                "started_at": now,
-                "finished_at": now,
-            }
-            assert rows.write_entries([(rows.invocations.values(row), None)])
+            invocation, _ = _rows()
+            assert rows.write_entries([(rows.invocations.values(invocation), None)])
 
         assert _count_in_database_file(path) == 0, "a commit checkpointed on the event loop"
         rows.checkpoint()
@@ -56,11 +81,6 @@ def test_commits_stay_in_the_wal_until_checkpointed(tmp_path: Path) -> None:
 def test_rows_are_stored_as_sqlalchemy_stores_them(tmp_path: Path) -> None:
     """The writer fills the tables SQLAlchemy reads everywhere else: every column it writes must
     hold exactly what an ORM insert of the same row holds."""
-    from sqlalchemy import create_engine, insert
-
-    from app.invocations.models import Invocation
-    from app.metering.models import UsageRecord
-
     path = tmp_path / "lambent.db"
     upgrade_to_head(f"sqlite+aiosqlite:///{path}")
     whole_second = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)  # no microseconds to print
@@ -141,16 +161,8 @@ def test_invocations_answered_together_are_committed_together(
 ) -> None:
     """The writer gathers what is journaled for COMMIT_DELAY_S and commits it in one
     transaction; a reader of the records does not wait for the gathering to end."""
-    from typing import Any, cast
-
-    from app.invocations import writer as writers
-    from app.platform import Platform
-    from app.settings import Settings
-
-    path = tmp_path / "lambent.db"
-    upgrade_to_head(f"sqlite+aiosqlite:///{path}")
-    with sqlite3.connect(path) as db:
-        db.execute("PRAGMA journal_mode=WAL")
+    path = _database(tmp_path)
+    # The writer reads the settings alone (the data directory, metering).
     platform = cast(Any, Platform)(
         settings=Settings(data_dir=tmp_path / "data"),
         db=None,
@@ -163,34 +175,6 @@ def test_invocations_answered_together_are_committed_together(
         metrics=None,
     )
 
-    def rows() -> tuple[dict[str, object], dict[str, object]]:
-        request_id, now = str(uuid.uuid4()), datetime.now(UTC)
-        common = {"request_id": request_id, "tenant_id": "t", "function_id": "f"}
-        invocation = {
-            **common,
-            "function_name": "fn",
-            "status": "success",
-            "cold_start": False,
-            "duration_ns": 1,
-            "billed_ms": 1,
-            "memory_mb": 128,
-            "max_memory_used_mb": 1,
-            "logs": "",
-            "started_at": now,
-            "finished_at": now,
-        }
-        usage = {
-            **common,
-            "function_name": "fn",
-            "recorded_at": now,
-            "requests": 1,
-            "memory_mb": 128,
-            "billed_ms": 1,
-            "mb_ms": 128,
-            "init_billed_ms": 0,
-        }
-        return invocation, usage
-
     async def scenario() -> None:
         writer = writers.SqliteWriter(platform, str(path))
         writer.start()
@@ -198,7 +182,7 @@ def test_invocations_answered_together_are_committed_together(
             # Long enough that five turns of the event loop surely fit in it.
             monkeypatch.setattr(writers, "COMMIT_DELAY_S", 0.5)
             for _ in range(5):
-                await writer.write(*rows())
+                await writer.write(*_rows())
                 await asyncio.sleep(0)  # as between two requests: the loop runs its callbacks
             assert _count(path, "invocations") == 0, "committed before the gathering delay"
             # A timer of the same loop, due later than the writer's: the commit comes first.
@@ -210,7 +194,7 @@ def test_invocations_answered_together_are_committed_together(
             # What a read of the records waits for commits at once: it does not wait out the
             # gathering, here made longer than the test may take.
             monkeypatch.setattr(writers, "COMMIT_DELAY_S", 3600)
-            await writer.write(*rows())
+            await writer.write(*_rows())
             await asyncio.wait_for(writer.settled(), timeout=30)
             assert _count(path, "invocations") == 6
             assert writer._commits == 2
