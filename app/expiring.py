@@ -46,31 +46,34 @@ class ExpiringMap(Generic[K, V]):
 
     def get(self, key: K) -> V | None:
         """The value if it has not expired; ``wants_reload`` says whether to refresh it."""
-        entry = self._entries.get(key)
-        if entry is None or self.clock() - entry[1] > self.ttl_s:
-            return None
-        return entry[0]
+        aged = self._aged(key)
+        return None if aged is None else aged[0]
 
     def wants_reload(self, key: K) -> bool:
-        entry = self._entries.get(key)
-        return (
-            entry is not None
-            and key not in self._reloading
-            and self.clock() - entry[1] > self.ttl_s / 2
-        )
+        aged = self._aged(key)
+        return aged is not None and self._due(key, aged[1])
 
     def fresh(self, key: K, load: Callable[[], Awaitable[V | None]]) -> V | None:
-        """``get`` and, if the entry is in the second half of its life, ``reload`` with ``load``:
-        the two in one lookup, for readers on the invoke path."""
+        """``get``, and ``reload`` with ``load`` when ``wants_reload``: in one lookup, for the
+        readers on the invoke path."""
+        aged = self._aged(key)
+        if aged is None:
+            return None
+        if self._due(key, aged[1]):
+            self.reload(key, load)
+        return aged[0]
+
+    def _aged(self, key: K) -> tuple[V, float] | None:
+        """The value and its age in seconds, if it has not expired."""
         entry = self._entries.get(key)
         if entry is None:
             return None
         age = self.clock() - entry[1]
-        if age > self.ttl_s:
-            return None
-        if age > self.ttl_s / 2 and key not in self._reloading:
-            self.reload(key, load)
-        return entry[0]
+        return None if age > self.ttl_s else (entry[0], age)
+
+    def _due(self, key: K, age: float) -> bool:
+        """Whether an entry this old is in the second half of its life and not being reloaded."""
+        return age > self.ttl_s / 2 and key not in self._reloading
 
     def put(self, key: K, value: V) -> None:
         self._store(key, value)

@@ -97,9 +97,6 @@ class ExecutionEnvironment:
         self.invocations = 0
         # perf_counter_ns() when the init phase began: now, unless the caller started it earlier.
         self._started_ns = time.perf_counter_ns() if init_started_ns is None else init_started_ns
-        # One invocation at a time; a second one is refused rather than queued, so a flag is
-        # all the lock there is.
-        self._serving = False
         self._logs = LogBuffer(log_max_bytes)
         self._on_stopped = on_stopped
         self._exit_status: int | None = None
@@ -163,28 +160,26 @@ class ExecutionEnvironment:
         return kind, error_body(kind, f"Runtime exited with error: {detail}")
 
     async def invoke(self, request: InvokeRequest) -> InvokeResult:
-        if self._serving:
+        # One invocation at a time: a second one is refused rather than queued, so the status,
+        # set before the first await, is all the lock there is.
+        if self.status is InstanceStatus.BUSY:
             raise InstanceBusy(f"instance {self.instance_id} is serving another invocation")
         if self.status is not InstanceStatus.IDLE:
             raise InstanceGone(f"instance {self.instance_id} is {self.status}")
-        self._serving = True
-        try:
-            self._transition(InstanceStatus.BUSY)
-            # What the sandbox wrote since the last invocation, as far as the event loop has
-            # read it; the rest is read with this invocation's output, after its reply.
-            pre_logs = self._logs.take()
-            result = await self._run(request)
-            if pre_logs:
-                result = replace(result, logs=pre_logs + result.logs)
-            self.invocations += 1
-            self.last_used_at = time.time()
-            if result.instance_alive and self.status is InstanceStatus.BUSY:
-                self._transition(InstanceStatus.IDLE)
-            else:
-                await self.stop()
-            return result
-        finally:
-            self._serving = False
+        self._transition(InstanceStatus.BUSY)
+        # What the sandbox wrote since the last invocation, as far as the event loop has
+        # read it; the rest is read with this invocation's output, after its reply.
+        pre_logs = self._logs.take()
+        result = await self._run(request)
+        if pre_logs:
+            result = replace(result, logs=pre_logs + result.logs)
+        self.invocations += 1
+        self.last_used_at = time.time()
+        if result.instance_alive and self.status is InstanceStatus.BUSY:
+            self._transition(InstanceStatus.IDLE)
+        else:
+            await self.stop()
+        return result
 
     async def _run(self, request: InvokeRequest) -> InvokeResult:
         start_ns = time.perf_counter_ns()

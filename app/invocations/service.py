@@ -199,16 +199,16 @@ def _observe(
 ) -> None:
     metrics = platform.metrics
     labels = (spec.tenant_id, spec.function_name)
-    invocations, duration = metrics.outcome(*labels, status.value)
-    invocations.inc()
+    metrics.child(metrics.invocations, *labels, status.value).inc()
     if error_type is not None:
-        metrics.errors.labels(*labels, error_type).inc()
+        metrics.child(metrics.errors, *labels, error_type).inc()
     if scheduled.result is not None:
-        duration.observe(duration_ns / 1e9)
+        metrics.child(metrics.duration, *labels).observe(duration_ns / 1e9)
     if scheduled.cold_start and scheduled.start is not None:
-        metrics.cold_starts.labels(*labels).inc()
-        metrics.init_duration.labels(*labels).observe(scheduled.start.init_duration_ns / 1e9)
-        metrics.queue_wait.labels(*labels).observe(scheduled.queue_wait_s)
+        metrics.child(metrics.cold_starts, *labels).inc()
+        init_s = scheduled.start.init_duration_ns / 1e9
+        metrics.child(metrics.init_duration, *labels).observe(init_s)
+        metrics.child(metrics.queue_wait, *labels).observe(scheduled.queue_wait_s)
 
 
 def start_kind(scheduled: Scheduled) -> str | None:

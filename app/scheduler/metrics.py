@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -122,20 +123,18 @@ class Metrics:
             registry=self.registry,
         )
 
-        # Every invocation counts itself and observes its duration; prometheus_client checks
-        # and looks up the labels on each call, so the invoke path keeps the two per outcome.
-        self._outcomes: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        # prometheus_client checks and looks up the label values on every labels() call; the
+        # invoke path makes several per invocation, so the children are kept. Label sets are
+        # never removed, so neither are they.
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
 
-    def outcome(self, tenant_id: str, function: str, status: str) -> tuple[Any, Any]:
-        """The invocation counter and duration histogram of one function and outcome."""
-        key = (tenant_id, function, status)
-        pair = self._outcomes.get(key)
-        if pair is None:
-            pair = self._outcomes[key] = (
-                self.invocations.labels(tenant_id, function, status),
-                self.duration.labels(tenant_id, function),
-            )
-        return pair
+    def child(self, metric: MetricWrapperBase, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def watch(self, scheduler: Scheduler) -> None:
         self.registry.register(InstanceCollector(scheduler))
